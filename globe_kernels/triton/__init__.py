@@ -1,0 +1,1 @@
+"""Triton kernels, one file per op (kernel, launcher and entry point together)."""
