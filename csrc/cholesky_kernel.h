@@ -32,6 +32,9 @@ size_t cholesky_cuda_smem_bytes(int r, size_t elem_size);
 // Largest r (<= kCudaMaxR) whose block fits in smem_limit bytes of shared memory per block.
 int cholesky_cuda_max_r(size_t elem_size, size_t smem_limit);
 
+// Shared memory one block may opt in to on the current device.
+cudaError_t cholesky_cuda_smem_optin(size_t* bytes);
+
 // Launches the kernel on stream; returns the first CUDA error (cudaSuccess when none). n == 0 launches
 // nothing. r must be in [1, kCudaMaxR] and the block must fit the device (cudaErrorInvalidValue otherwise).
 template <typename scalar_t>

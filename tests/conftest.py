@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """Factory: ``tiny_checkpoint(arch, **kwargs)`` -> folder of a tiny saved model (built once per arguments).
+    """Factory: ``tiny_checkpoint(arch, **kwargs)`` -> folder of a tiny saved model, built once per arguments.
 
     Arguments are those of :func:`globe.synthetic.build_tiny_checkpoint`. The folder is shared by the whole
     session: tests that damage a checkpoint must copy it first (see ``copy_checkpoint``).

@@ -67,10 +67,10 @@ def _b_tile(b_ptr, ind_ptr, val_ptr, e, K, R, D, offs, mask, BANK: tl.constexpr,
         acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
         for s in range(0, K):
             j = tl.load(ind_ptr + e * K + s)
-            v = tl.load(val_ptr + e * K + s)
-            # a padded slot (index -1) loads nothing
-            atom = tl.load(b_ptr + j.to(tl.int64) * R * D + offs, mask=mask & (j >= 0), other=0.0)
-            acc += v * atom.to(tl.float32)
+            if j >= 0:  # a padded slot (index -1) loads nothing
+                v = tl.load(val_ptr + e * K + s)
+                atom = tl.load(b_ptr + j.to(tl.int64) * R * D + offs, mask=mask, other=0.0)
+                acc += v * atom.to(tl.float32)
         tile = _phi(acc, PHI)
     else:
         tile = tl.load(b_ptr + e.to(tl.int64) * R * D + offs, mask=mask, other=0.0)
@@ -378,11 +378,28 @@ def _launch(
 # --- ahead-of-time specifications ----------------------------------------------------------------------------
 
 
+_ALIGNED_INTS = ("R_G", "R_U", "D", "P")
+
+
+def _aligned_attrs(kernel, signature: dict[str, str]) -> dict[tuple[int], list[list]]:
+    """ASTSource attrs for the usual model shapes: 16-byte aligned pointers, r, d and p multiples of 16.
+
+    The JIT specializes on the same facts when they hold, and the loads only pipeline (cp.async / TMA) with them.
+    """
+    return {
+        (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, ty in signature.items()
+        if ty.startswith("*") or name in _ALIGNED_INTS
+    }
+
+
 def aot_specs() -> list[dict]:
     """Every (configuration, dtype, variant) the launcher can launch, as triton.compile specifications.
 
     Pointers that a variant does not read keep the type the launcher passes for them (offsets for the codes of
-    precomposed mode, the output for absent shifts and for the up output of act="silu").
+    precomposed mode, the output for absent shifts and for the up output of act="silu"). Each spec also has
+    "attrs" for ``ASTSource(..., attrs=spec["attrs"])``: the alignment the JIT finds at real model shapes;
+    compiling without it gives the generic (odd-shape) variant.
     """
     specs = []
     for dtype, tn in _TL_NAME.items():
@@ -404,6 +421,7 @@ def aot_specs() -> list[dict]:
                     "kernel": _adapter_inner_kernel,
                     "signature": {**inner_sig, **{k: "constexpr" for k in consts}},
                     "constexprs": consts,
+                    "attrs": _aligned_attrs(_adapter_inner_kernel, inner_sig),
                     **launch,
                 })
             blocks = {"BLOCK_T": cfg.block_t, "BLOCK_P": cfg.out_p, "BLOCK_R": cfg.out_r}
@@ -425,6 +443,7 @@ def aot_specs() -> list[dict]:
                             "kernel": _adapter_out_kernel,
                             "signature": sig,
                             "constexprs": consts,
+                            "attrs": _aligned_attrs(_adapter_out_kernel, sig),
                             **launch,
                         })
     return specs

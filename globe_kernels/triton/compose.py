@@ -79,11 +79,11 @@ def _compose_kernel(
     acc = tl.zeros((GROUP_N, BLOCK), dtype=tl.float32)
     # software prefetch: the slice of the next atom is in flight while the current one is accumulated
     atom = tl.load(atoms_ptr + g64 * U, mask=count > 0, other=0).to(tl.int64)
-    b = tl.load(bank_ptr + atom * L + offs, mask=in_row & (count > 0), other=0.0)
+    b = tl.load(bank_ptr + atom * L + offs, mask=offs < tl.where(count > 0, L, 0), other=0.0)
     for u in range(0, count):
         more = u + 1 < count
         atom_next = tl.load(atoms_ptr + g64 * U + u + 1, mask=more, other=0).to(tl.int64)
-        b_next = tl.load(bank_ptr + atom_next * L + offs, mask=in_row & more, other=0.0)
+        b_next = tl.load(bank_ptr + atom_next * L + offs, mask=offs < tl.where(more, L, 0), other=0.0)
         w = tl.load(weights_ptr + (g64 * U + u) * GROUP_N + rows)
         acc += w[:, None] * b.to(tl.float32)[None, :]
         b = b_next

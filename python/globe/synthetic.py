@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from globe.errors import ConfigError
 from globe.io.archs import ARCHS
 
@@ -120,8 +119,9 @@ def tiny_config(
 ) -> Any:
     """A transformers config of ``arch`` sized for tests: 128-token vocabulary, 4 heads (2 key/value).
 
-    DeepSeek gets one dense first layer (``first_k_dense_replace=1``) and one shared expert; Qwen2-MoE a shared
-    expert; ``config_overrides`` (e.g. ``mlp_only_layers=[0]`` for Qwen3-MoE) go to the config class last.
+    DeepSeek gets one dense first layer (``first_k_dense_replace=1``) and one shared expert; Qwen2-MoE a
+    shared expert; ``config_overrides`` (e.g. ``mlp_only_layers=[0]`` for Qwen3-MoE) go to the config
+    class last.
     """
     if hidden_size % NUM_HEADS:
         raise ConfigError(f"hidden_size must be a multiple of {NUM_HEADS}, got {hidden_size}")
@@ -320,8 +320,9 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Build a tiny random model of ``arch`` and save it with ``save_pretrained`` into ``out_dir``.
 
-    ``arch`` is a ``model_type`` from :func:`list_supported_archs`. ``max_shard_size`` (e.g. ``"200KB"``) shards
-    the safetensors files. ``structured=True`` plants trained-looking gate/up weights (:func:`planted_experts`).
+    ``arch`` is a ``model_type`` from :func:`list_supported_archs`. ``max_shard_size`` (e.g. ``"200KB"``)
+    shards the safetensors files. ``structured=True`` plants trained-looking gate/up weights
+    (:func:`planted_experts`).
     ``original_format=False`` saves experts in transformers' in-memory fused layout (``experts.gate_up_proj``)
     instead of the per-expert keys of the original releases. Deterministic from ``seed``. Returns the folder.
     """
@@ -350,6 +351,11 @@ def build_tiny_checkpoint(
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    recipe = {"arch": arch, "seed": seed, "structured": structured, "dtype": str(dtype).removeprefix("torch.")}
+    recipe = {
+        "arch": arch,
+        "seed": seed,
+        "structured": structured,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
     (out / "globe_synthetic.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return out

@@ -11,11 +11,11 @@ Two families of layouts exist on disk:
   ``model.layers.3.mlp.experts.7.gate_proj.weight`` [p, d] (what ``save_pretrained`` of transformers 5
   writes by default for every architecture here but gpt-oss, and what the original releases hold);
 * fused 3-D keys, all experts of a layer in one tensor, e.g. ``model.layers.3.mlp.experts.gate_up_proj``
-  [n, 2p, d] (gate rows first, then up) and ``...experts.down_proj`` [n, d, p], as transformers 5 holds them in
-  memory and writes them with ``save_pretrained(save_original_format=False)``. gpt-oss stores them
-  transposed, [n, d, 2p] and [n, p, d], with gate and up interleaved along the last axis (gate = ``[..., ::2]``,
-  up = ``[..., 1::2]``) and biases ``gate_up_proj_bias`` [n, 2p] (interleaved likewise) and ``down_proj_bias``
-  [n, d].
+  [n, 2p, d] (gate rows first, then up) and ``...experts.down_proj`` [n, d, p], as transformers 5 holds
+  them in memory and writes them with ``save_pretrained(save_original_format=False)``. gpt-oss stores them
+  transposed, [n, d, 2p] and [n, p, d], with gate and up interleaved along the last axis
+  (gate = ``[..., ::2]``, up = ``[..., 1::2]``) and biases ``gate_up_proj_bias`` [n, 2p] (interleaved
+  likewise) and ``down_proj_bias`` [n, d].
 """
 
 from __future__ import annotations
@@ -41,7 +41,12 @@ FAMILIES: tuple[str, ...] = ("gate", "up", "down")
 
 #: Config keys that, in any architecture we know of, hold the number of routed experts. A config that has
 #: none of them (or only zeros) describes a dense model.
-EXPERT_COUNT_KEYS: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+EXPERT_COUNT_KEYS: tuple[str, ...] = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+)
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ def _qwen_rule(config: Mapping[str, Any], layer: int) -> bool:
 
 
 def _deepseek_rule(config: Mapping[str, Any], layer: int) -> bool:
-    """DeepSeek-V2/V3: dense for the first ``first_k_dense_replace`` layers, then every ``moe_layer_freq``-th."""
+    """DeepSeek-V2/V3: dense for the first ``first_k_dense_replace`` layers, then each ``moe_layer_freq``."""
     first_dense = config.get("first_k_dense_replace") or 0
     freq = config.get("moe_layer_freq") or 1
     return layer >= first_dense and layer % freq == 0

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
-
 from globe.errors import CheckpointError
 from globe.io.archs import (
     EXPERT_COUNT_KEYS,
@@ -30,12 +28,15 @@ from globe.io.archs import (
     supported_archs,
 )
 from globe.io.shards import FLOAT_DTYPES, ShardSet, TensorInfo
+from safetensors import safe_open
 
 __all__ = ["Checkpoint", "open_checkpoint"]
 
 Nonfinite = Literal["error", "count"]
 
-_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<block>[A-Za-z_]+)\.experts\.(?P<rest>.+)$")
+_LAYER_KEY = re.compile(
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<block>[A-Za-z_]+)\.experts\.(?P<rest>.+)$"
+)
 
 
 def _config_value(config: dict[str, Any], keys: Sequence[str], what: str, path: Path) -> Any:
@@ -70,7 +71,8 @@ def _resolve_arch(config: dict[str, Any], folder: Path) -> ArchSpec:
     if spec is not None:
         return spec
     supported = ", ".join(supported_archs())
-    if not any(config.get(key) for key in EXPERT_COUNT_KEYS):
+    nested = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    if not any(config.get(key) or nested.get(key) for key in EXPERT_COUNT_KEYS):
         raise CheckpointError(
             f"{folder}: model_type '{model_type}' is a dense model: its config.json has no routed experts "
             f"(none of {', '.join(EXPERT_COUNT_KEYS)}); GloBE compresses MoE models ({supported})"
@@ -154,7 +156,9 @@ class Checkpoint:
         quantized = [
             k
             for k in self.shards.tensors
-            if f"layers.{layer}." in k and ".experts." in k and k.endswith(("_blocks", "_scales", "scale_inv"))
+            if f"layers.{layer}." in k
+            and ".experts." in k
+            and k.endswith(("_blocks", "_scales", "scale_inv"))
         ]
         if quantized:
             raise CheckpointError(
@@ -163,8 +167,8 @@ class Checkpoint:
             )
         expected = " or ".join(f"'{lay.marker('model.', layer)}'" for lay in self.spec.layouts)
         raise CheckpointError(
-            f"{self.path}: config.json makes layer {layer} an MoE layer ({self.arch}) but its expert keys are "
-            f"absent: expected {expected}"
+            f"{self.path}: config.json makes layer {layer} an MoE layer ({self.arch}) but its expert keys "
+            f"are absent: expected {expected}"
         )
 
     def _expected_shapes(self, family: str, bias: bool) -> tuple[int, ...]:
@@ -225,8 +229,8 @@ class Checkpoint:
             layer = int(m["layer"])
             if layer < self.num_layers and layer not in moe and self._layout.matches_rest(m["rest"]):
                 raise CheckpointError(
-                    f"{self.path}: config.json makes layer {layer} dense but the checkpoint holds routed expert "
-                    f"tensor '{key}'"
+                    f"{self.path}: config.json makes layer {layer} dense but the checkpoint holds routed "
+                    f"expert tensor '{key}'"
                 )
 
     # ------------------------------------------------------------------ reading
@@ -370,8 +374,8 @@ class Checkpoint:
     def __repr__(self) -> str:
         return (
             f"Checkpoint({str(self.path)!r}, arch={self.arch!r}, layout={self.layout!r}, "
-            f"moe_layers={len(self.moe_layers)}/{self.num_layers}, n={self.num_experts}, p={self.expert_dim}, "
-            f"d={self.hidden_size}, dtype={self.dtype}, bias={self.has_bias})"
+            f"moe_layers={len(self.moe_layers)}/{self.num_layers}, n={self.num_experts}, "
+            f"p={self.expert_dim}, d={self.hidden_size}, dtype={self.dtype}, bias={self.has_bias})"
         )
 
 

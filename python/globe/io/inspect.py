@@ -75,7 +75,10 @@ def format_inspection(info: dict[str, Any]) -> str:
         ("dtype", info["dtype"]),
         ("expert biases", "yes" if info["has_bias"] else "no"),
         ("parameters", _count(info["total_params"])),
-        ("routed experts", f"{_count(info['expert_params'])} ({100 * info['expert_share']:.1f}% of the model)"),
+        (
+            "routed experts",
+            f"{_count(info['expert_params'])} ({100 * info['expert_share']:.1f}% of the model)",
+        ),
         (
             "gate + up",
             f"{_count(info['gate_up_params'])} ({100 * info['gate_up_share']:.1f}% of the model; "

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from globe.errors import CheckpointError
 
-__all__ = ["TensorInfo", "ShardSet", "read_header", "DTYPES", "FLOAT_DTYPES"]
+__all__ = ["TensorInfo", "ShardSet", "read_header", "FLOAT_DTYPES"]
 
 #: safetensors dtype names and their element sizes in bytes.
 _ITEMSIZE = {
@@ -35,8 +34,6 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
     "F64": torch.float64,
 }
-
-DTYPES = FLOAT_DTYPES
 
 # A header larger than this is not a real one: the file is corrupt (or not safetensors at all).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -139,7 +136,7 @@ class ShardSet:
                 info = self.tensors.get(key)
                 if info is None or info.file.name != Path(shard).name:
                     raise CheckpointError(
-                        f"{self.folder / self.INDEX}: maps '{key}' to {shard}, but that shard does not hold it"
+                        f"{self.folder / self.INDEX}: maps '{key}' to {shard}, which does not hold it"
                     )
 
     def _find_files(self) -> list[Path]:

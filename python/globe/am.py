@@ -1,0 +1,515 @@
+"""The alternating-minimisation trainer (design document steps 5-10): :func:`fit_bank`.
+
+One family's experts W [N, p, d] in one bank scope are z-scored (:mod:`globe.normalize`), warm-started
+(:mod:`globe.seeding`: proxies P_i, r x d), given an initial bank, codes and adapters (:mod:`globe.bank`),
+then refined step by step. Each step, in the default (proxy) mode:
+
+1. Coding. The codes are re-estimated from scratch each step: least squares of the unit-norm proxies against
+   the bank, Euclidean projection onto the simplex, then the tempered entmax alpha = entmax(log q / T) on the
+   logs of these probabilities, then the epsilon-prune of ``ops.prune_renorm``. (Applying entmax(log alpha/T)
+   to the previous alpha alone could only shrink supports, log 0 being -inf, so no atom could ever come back.)
+   Zeros of q get a graded log floor ordered by their least-squares score, so raising T lets atoms back in one
+   by one. Codes are probabilities throughout; there is no logit state to drift.
+2. Dictionary (MOD), on the training experts only: (CᵀC + lam_B I) B = Cᵀ X by Cholesky, C [N, m] the codes,
+   X [N, r*d] the proxies; unused atoms are re-seeded with the proxy of the worst-fitted expert.
+3. Atoms are normalised to unit Frobenius norm, codes rescaled by the norms (reconstruction unchanged), and
+   then each row's sum s_i is folded into the adapter (alpha_i /= s_i, A_i *= s_i), exact for phi = identity,
+   so rows stay on the simplex.
+4. Adapter refit for every expert: A_i = Z_i B~_iᵀ (B~_i B~_iᵀ + lam_A I)^-1 via ``ops.cholesky_solve_batched``.
+5. Temperature control toward the target median support:
+       T <- clamp(T * exp(-eta * (median_support / target - 1)), T_min, T_max).
+   The sign is the opposite of the design document's formula: a larger T flattens entmax(log q / T) and
+   widens the support, so a support above target must lower T (the formula as written would raise it and
+   run away from the target).
+
+Weight-aware mode (``config.weight_aware``) replaces steps 1-2 by exact block-coordinate steps on the true
+objective F = sum_i ||Z_i - A_i sum_j alpha_ij B_j||^2 (a monotone descent):
+
+* codes: per expert a simplex-constrained QP in alpha_i, solved by projected gradient with exact line search
+  started at the current codes (each iteration cannot increase F_i), then sparsified (tempered entmax +
+  prune), then projected gradient restricted to the chosen support; the new codes are accepted per expert
+  only if F_i did not increase, otherwise the old codes stay;
+* bank: the normal equations of F in B, [m r, m r] = sum_i (alpha_i alpha_iᵀ) ⊗ (A_iᵀ A_i) with right-hand
+  side sum_i alpha_i ⊗ (A_iᵀ Z_i) [m r, d], assembled from each expert's support pairs only and solved by
+  Cholesky with lam_B; accepted only if F did not increase. Memory is (m r)^2 numbers: 0.6 GB in fp32 at
+  m = 32, r = 384; beyond a few times that, use the proxy mode;
+* adapters: as in step 4, accepted per expert only if F_i did not increase (the ridge could otherwise raise it
+  by a hair).
+
+Validation: ``val_fraction`` of the experts (at least one when N >= 4, none below) are held out of the
+dictionary step. Every step their codes and adapters are fitted like the others' with the bank frozen, i.e.
+the bank is judged on experts it was not fitted on. The loop stops when the held-out relative error has not
+improved by ``min_improvement`` (relative) for ``patience`` steps while the supports are stable (the share of
+experts whose support changed is at most ``support_tol``); the state of the best step is restored. Held-out
+experts have codes and adapters for the final bank like every other expert, so all are in the artifact.
+Without held-out experts the training error plays that role.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from globe import metrics as M
+from globe.bank import fit_adapters, kmeans_bank, project_simplex, simplex_codes, sparsify
+from globe.config import GlobeConfig
+from globe.errors import ConfigError
+from globe.normalize import Normalization, fit_normalization
+from globe_kernels import ops
+from globe_kernels.ops import SparseCodes
+
+__all__ = ["FitResult", "fit_bank"]
+
+_CHUNK = 256  # experts per chunk for the [N, p, d]-sized products
+
+
+@dataclass
+class FitResult:
+    """The fitted factors of one family in one scope, in the original scale.
+
+    bank [m, r, d] unit-norm atoms; alpha [N, m] dense codes (rows on the simplex); A [N, p, r] adapters with
+    the normalisation scale folded in; normalization (mean [p, d] and row scale [p]); history: one metric
+    dict per AM step (step 0 is the initial state); metrics: summary of the final state.
+    """
+
+    bank: torch.Tensor
+    alpha: torch.Tensor
+    A: torch.Tensor
+    normalization: Normalization
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    r: int = 0
+    m: int = 0
+    val_index: list[int] = field(default_factory=list)
+
+    @property
+    def codes(self) -> SparseCodes:
+        return ops.to_sparse_codes(self.alpha)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.normalization.mean
+
+    def composed(self) -> torch.Tensor:
+        return ops.compose(self.bank, self.alpha)
+
+    def reconstruct(self, index: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """W_i ~= A_i sum_j alpha_ij B_j + M, [N, p, d] (or the experts selected by index)."""
+        alpha, A = (self.alpha, self.A) if index is None else (self.alpha[index], self.A[index])
+        W = A @ ops.compose(self.bank, alpha)
+        return W + self.normalization.mean.to(W) if self.normalization.center else W
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def _frob2(x: torch.Tensor) -> torch.Tensor:
+    """Per-expert squared Frobenius norms of [N, a, b], in float64."""
+    return x.double().pow(2).sum(dim=(1, 2))
+
+
+def _inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-expert Frobenius inner products of [N, a, b] pairs, in float64."""
+    return (x.double() * y.double()).sum(dim=(1, 2))
+
+
+def _residuals(Z: torch.Tensor, A: torch.Tensor, composed: torch.Tensor, scale: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Per-expert ||Z_i - A_i B~_i||^2 in the normalised space and ||diag(s)(Z_i - A_i B~_i)||^2 in the original."""
+    N = Z.shape[0]
+    res_z = torch.empty(N, dtype=torch.float64, device=Z.device)
+    res_w = torch.empty(N, dtype=torch.float64, device=Z.device)
+    s = scale.to(Z)[:, None]
+    for lo in range(0, N, _CHUNK):
+        E = Z[lo : lo + _CHUNK] - A[lo : lo + _CHUNK] @ composed[lo : lo + _CHUNK]
+        res_z[lo : lo + _CHUNK] = _frob2(E)
+        res_w[lo : lo + _CHUNK] = _frob2(E * s)
+    return res_z, res_w
+
+
+def _solve_spd(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """Solve H x = rhs by Cholesky; (x, fell back to a general solve, diag of the factor or eigenvalues)."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, L), False, L.diagonal()
+    return torch.linalg.lstsq(H, rhs).solution, True, torch.zeros(0, dtype=H.dtype, device=H.device)
+
+
+def _normalise_atoms(bank: torch.Tensor, alpha: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        torch.Tensor]:
+    """Unit-norm atoms; codes rescaled by the norms, each row's sum folded into its adapter (exact for identity
+    phi): A_i sum_j alpha_ij B_j is unchanged and rows of alpha stay on the simplex."""
+    norms = bank.reshape(bank.shape[0], -1).norm(dim=1)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    bank = bank / norms[:, None, None]
+    alpha = alpha * norms[None, :]
+    sums = alpha.sum(1)
+    sums = torch.where(sums > 0, sums, torch.ones_like(sums))
+    return bank, alpha / sums[:, None], A * sums[:, None, None]
+
+
+def _snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+
+
+# --- weight-aware blocks -------------------------------------------------------------------------------------
+
+
+class _WeightAware:
+    """Quantities of the true objective for fixed adapters: GA_i = A_iᵀ A_i, Y_i = A_iᵀ Z_i, ||Z_i||^2.
+
+    F_i(alpha_i, B) = ||Z_i||^2 - 2 <Y_i, B~_i> + <GA_i B~_i, B~_i>; with V_i = Y_i - GA_i B~_i the gradient in
+    alpha_ij is -2 <V_i, B_j> and F_i = ||Z_i||^2 - <Y_i + V_i, B~_i>.
+    """
+
+    def __init__(self, Z: torch.Tensor, A: torch.Tensor, zn: torch.Tensor):
+        self.GA = A.transpose(1, 2) @ A
+        self.Y = torch.empty(A.shape[0], A.shape[2], Z.shape[2], dtype=Z.dtype, device=Z.device)
+        for lo in range(0, Z.shape[0], _CHUNK):
+            self.Y[lo : lo + _CHUNK] = A[lo : lo + _CHUNK].transpose(1, 2) @ Z[lo : lo + _CHUNK]
+        self.zn = zn
+
+    def eval(self, bank: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(F_i [N] float64, gradient [N, m], composed B~ [N, r, d])."""
+        comp = ops.compose(bank, alpha)
+        V = self.Y - self.GA @ comp
+        F = self.zn - _inner(self.Y + V, comp)
+        grad = -2 * (V.reshape(V.shape[0], -1) @ bank.reshape(bank.shape[0], -1).T)
+        return F, grad, comp
+
+    def pg(self, bank: torch.Tensor, alpha: torch.Tensor, iters: int, mask: torch.Tensor | None,
+           lip: torch.Tensor) -> torch.Tensor:
+        """Projected gradient with exact line search on the per-expert QP (never increases any F_i)."""
+        for _ in range(iters):
+            _, grad, _ = self.eval(bank, alpha)
+            target = project_simplex(alpha - grad / lip[:, None], mask)
+            direction = target - alpha
+            D = ops.compose(bank, direction)
+            curv = _inner(self.GA @ D, D)
+            slope = (grad.double() * direction.double()).sum(1)
+            t = torch.where(curv > 0, (-slope / (2 * curv.clamp_min(1e-300))).clamp(0, 1),
+                            (slope < 0).double())
+            t = torch.where(slope < 0, t, torch.zeros_like(t))
+            alpha = (alpha + t.to(alpha.dtype)[:, None] * direction).clamp_min(0)
+            alpha = alpha / alpha.sum(1, keepdim=True)
+        return alpha
+
+    def bank_system(self, alpha: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """H [m r, m r] = sum_i (alpha_i alpha_iᵀ) ⊗ GA_i + ridge, rhs [m r, d] = sum_i alpha_i ⊗ Y_i."""
+        N, m = alpha.shape
+        r, d = self.Y.shape[1], self.Y.shape[2]
+        codes = ops.to_sparse_codes(alpha)
+        idx, val = codes.indices.long(), codes.values
+        k = idx.shape[1]
+        H4 = torch.zeros(m * m, r, r, dtype=alpha.dtype, device=alpha.device)
+        chunk = max(1, (1 << 24) // max(1, k * k * r * r))
+        for lo in range(0, N, chunk):
+            ii, vv = idx[lo : lo + chunk], val[lo : lo + chunk]
+            valid = (ii[:, :, None] >= 0) & (ii[:, None, :] >= 0)
+            w = torch.where(valid, vv[:, :, None] * vv[:, None, :], torch.zeros((), dtype=vv.dtype))
+            pair = (ii.clamp_min(0)[:, :, None] * m + ii.clamp_min(0)[:, None, :])
+            src = w[..., None, None] * self.GA[lo : lo + chunk, None, None]
+            H4.index_add_(0, pair.reshape(-1), src.reshape(-1, r, r))
+        H = H4.reshape(m, m, r, r).permute(0, 2, 1, 3).reshape(m * r, m * r)
+        rhs = (alpha.T @ self.Y.reshape(N, -1)).reshape(m * r, d)
+        ridge = lam * float(H.diagonal().mean().clamp_min(torch.finfo(H.dtype).tiny))
+        H = H + ridge * torch.eye(m * r, dtype=H.dtype, device=H.device)
+        return H, rhs
+
+
+# --- the trainer ---------------------------------------------------------------------------------------------
+
+
+def fit_bank(
+    W: torch.Tensor,
+    config: GlobeConfig | None = None,
+    *,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+    generator: torch.Generator | None = None,
+) -> FitResult:
+    """Fit a bank, codes and adapters to one family's experts W [N, p, d] in one scope.
+
+    callback(record) is called with every step's metric record (step 0 is the initial state). generator drives
+    every random choice (k-means++ seeding, held-out experts, the warm start); by default one seeded from
+    config.seed, so the same inputs and config give bit-identical factors on CPU.
+    """
+    cfg = config or GlobeConfig()
+    cfg.validate()
+    if cfg.phi != "identity":
+        raise ConfigError(
+            f"GlobeConfig.phi: this trainer fits phi='identity' only (got {cfg.phi!r}); tanh and silu need the "
+            "nonlinear refinement"
+        )
+    if W.dim() != 3:
+        raise ConfigError(f"fit_bank expects experts as [N, p, d], got shape {tuple(W.shape)}")
+    device, dtype = torch.device(cfg.device), cfg.torch_dtype
+    gen = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+    W = W.to(device=device, dtype=dtype)
+    N, p, d = W.shape
+    r, m = cfg.resolve_r(p, d), cfg.resolve_m(N)
+    target = min(cfg.target_support, m)
+    sweep = cfg.sweep_key(r, m)
+    t_start = time.perf_counter()
+
+    # held-out experts for validation (never so many that fewer than m remain for the dictionary step)
+    n_val = 0 if N < 4 or cfg.val_fraction <= 0 else max(1, round(cfg.val_fraction * N))
+    n_val = max(0, min(n_val, N - m))
+    perm = torch.randperm(N, generator=gen)
+    val_index = sorted(perm[:n_val].tolist())
+    is_val = torch.zeros(N, dtype=torch.bool, device=device)
+    is_val[val_index] = True
+    train = ~is_val
+
+    # 1. normalisation
+    norm = fit_normalization(W, cfg.center)
+    Z = norm.apply(W)
+    del W
+    zn = _frob2(Z)
+    s2 = norm.scale.double().pow(2)
+    wn = torch.empty(N, dtype=torch.float64, device=device)  # ||diag(s) Z_i||^2: the original-scale energy
+    for lo in range(0, N, _CHUNK):
+        wn[lo : lo + _CHUNK] = (Z[lo : lo + _CHUNK].double().pow(2).sum(2) * s2).sum(1)
+    wn_total = float(wn.sum()) + float(norm.mean.double().pow(2).sum()) * N if cfg.center else float(wn.sum())
+
+    # 2. warm start
+    from globe.seeding import seed_proxies
+
+    t0 = time.perf_counter()
+    seed = seed_proxies(Z, r, method=cfg.seeding, generator=gen, **cfg.seeding_options)
+    seed_time = time.perf_counter() - t0
+    X = seed.proxies.to(device=device, dtype=dtype)
+    X = X / X.flatten(1).norm(dim=1).clamp_min(torch.finfo(dtype).tiny)[:, None, None]
+
+    # initial bank, codes (least squares + simplex projection + epsilon-prune) and adapters A_i = Z_i pinv(P_i)
+    bank, _ = kmeans_bank(X[train], m, generator=gen, iters=cfg.kmeans_iters)
+    probs, _ = simplex_codes(X, bank)
+    alpha, _ = ops.prune_renorm(probs, cfg.eps)
+    A, _, _ = fit_adapters(Z, X, cfg.lambda_A)
+    res_seed, _ = _residuals(Z, A, X, norm.scale)
+    T = float(cfg.T0)
+
+    seed_metrics: dict[str, Any] = {
+        "seed_method": seed.method,
+        "seed_explained_variance": float(seed.explained_variance),
+        "seed_rel_error": math.sqrt(float(res_seed.sum()) / float(zn.sum())),
+        "seed_energy_captured": 1.0 - float(res_seed.sum()) / float(zn.sum()),
+        "seed_time_s": seed_time,
+    }
+    for key, value in (seed.metrics or {}).items():
+        if isinstance(value, (int, float, bool)):
+            seed_metrics[f"seed.{key}"] = value
+
+    history: list[dict[str, Any]] = []
+    prev_support: torch.Tensor | None = None
+    lam_B = cfg.lambda_B
+
+    def record(step: int, extra: dict[str, Any]) -> dict[str, Any]:
+        nonlocal prev_support
+        comp = ops.compose(bank, alpha)
+        res_z, res_w = _residuals(Z, A, comp, norm.scale)
+        tr, va = train, is_val
+        rec: dict[str, Any] = {"step": step, **sweep}
+        rec["rel_error"] = math.sqrt(float(res_w[tr].sum()) / max(float(wn[tr].sum()), 1e-300))
+        rec["rel_error_z"] = math.sqrt(float(res_z[tr].sum()) / max(float(zn[tr].sum()), 1e-300))
+        rec["rel_error_val"] = (
+            math.sqrt(float(res_w[va].sum()) / max(float(wn[va].sum()), 1e-300)) if n_val else float("nan")
+        )
+        # against the full weights, mean included (what the artifact reproduces)
+        rec["rel_error_all"] = math.sqrt(float(res_w.sum()) / max(wn_total, 1e-300))
+        rec["objective"] = float(res_z[tr].sum())
+        rec["objective_all"] = float(res_z.sum())
+        rec["temperature"] = T
+        rec["T_min"], rec["T_max"] = cfg.T_min, cfg.T_max
+        rec.update(M.support_stats(alpha[tr], target))
+        rec.update(M.entropy_stats(alpha))
+        rec.update(M.atom_popularity(alpha))
+        rec["support_overlap"] = M.support_overlap(alpha)
+        support = alpha != 0
+        rec["support_change"] = (
+            float((support != prev_support).any(1).double().mean()) if prev_support is not None else 1.0
+        )
+        prev_support = support
+        norms = bank.reshape(m, -1).norm(dim=1)
+        rec["atom_norm_dev"] = float((norms - 1).abs().max())
+        rec.update(M.nonfinite_counts(bank=bank, alpha=alpha, A=A))
+        rec["peak_memory_bytes"] = M.peak_memory_bytes(device)
+        rec.update(M.backend_metrics())
+        rec.update(extra)
+        return rec
+
+    rec0 = record(0, {**seed_metrics, "step_time_s": time.perf_counter() - t_start})
+    rec0["rel_error_init"] = rec0["rel_error"]
+    history.append(rec0)
+    if callback is not None:
+        callback(rec0)
+
+    state = {"bank": bank, "alpha": alpha, "A": A, "T": T, "step": 0}
+    use_val = n_val > 0
+    best_err = rec0["rel_error_val" if use_val else "rel_error"]
+    best = _snapshot(state)
+    stale = 0
+    stopped_early = False
+    K_eig = None
+
+    for step in range(1, cfg.steps + 1):
+        t_step = time.perf_counter()
+        extra: dict[str, Any] = {}
+        reseeded = 0
+        if not cfg.weight_aware:
+            # 1. coding: least squares against the proxies, simplex projection, tempered entmax, prune
+            probs, raw = simplex_codes(X, bank)
+            alpha, _, pruned = sparsify(
+                probs, T, sparsity=cfg.sparsity, eps=cfg.eps, entmax_alpha=cfg.entmax_alpha, top_k=cfg.top_k,
+                scores=raw,
+            )
+            # 2. MOD on the training experts
+            C = alpha[train]
+            H = C.T @ C
+            ridge = lam_B * float(H.diagonal().mean().clamp_min(torch.finfo(H.dtype).tiny))
+            H = H + ridge * torch.eye(m, dtype=dtype, device=device)
+            rhs = C.T @ X[train].reshape(C.shape[0], -1)
+            Bf, mod_fallback, _ = _solve_spd(H, rhs)
+            ev = torch.linalg.eigvalsh(H.double())
+            extra["cond_mod"] = float(ev[-1] / ev[0].clamp_min(1e-300))
+            new_bank = Bf.reshape(m, r, d)
+            unused = (C != 0).sum(0) == 0
+            if bool(unused.any()):
+                comp = ops.compose(new_bank, C)
+                err = _frob2(X[train] - comp)
+                worst = torch.argsort(err, descending=True, stable=True)
+                slots = unused.nonzero().flatten().tolist()
+                for slot, j in enumerate(slots):
+                    new_bank[j] = X[train][worst[slot % worst.numel()]]
+                reseeded = len(slots)
+            bank = new_bank
+        else:
+            wa = _WeightAware(Z, A, zn)
+            F_old, _, _ = wa.eval(bank, alpha)
+            if K_eig is None or True:
+                Bf = bank.reshape(m, -1)
+                K_eig = float(torch.linalg.eigvalsh((Bf @ Bf.T).double())[-1])
+            lip = 2 * wa.GA.double().flatten(1).norm(dim=1) * K_eig
+            lip = lip.clamp_min(1e-30).to(dtype)
+            # 1. codes: projected gradient on the full simplex, sparsify, projected gradient on the support
+            a_pg = wa.pg(bank, alpha, cfg.pg_iters, None, lip)
+            _, grad, _ = wa.eval(bank, a_pg)
+            a_sp, _, pruned = sparsify(
+                a_pg, T, sparsity=cfg.sparsity, eps=cfg.eps, entmax_alpha=cfg.entmax_alpha, top_k=cfg.top_k,
+                scores=-grad,
+            )
+            a_sp = wa.pg(bank, a_sp, cfg.pg_iters, a_sp > 0, lip)
+            a_sp, _ = ops.prune_renorm(a_sp, cfg.eps)
+            F_new, _, _ = wa.eval(bank, a_sp)
+            accept = F_new <= F_old
+            alpha = torch.where(accept[:, None], a_sp, alpha)
+            extra["codes_accepted"] = float(accept.double().mean())
+            # 2. bank: normal equations of the true objective over the training experts
+            F_before, _, _ = wa.eval(bank, alpha)
+            H, rhs = wa.bank_system(alpha[train].contiguous(), lam_B)
+            wa_train = wa
+            sel = train.nonzero().flatten()
+            Y_train = wa.Y[sel]
+            rhs = (alpha[train].T @ Y_train.reshape(sel.numel(), -1)).reshape(m * r, d)
+            del wa_train
+            Bf, mod_fallback, Ldiag = _solve_spd(H, rhs)
+            extra["cond_mod"] = (
+                float((Ldiag.max() / Ldiag.min().clamp_min(1e-300)) ** 2) if Ldiag.numel() else float("inf")
+            )
+            new_bank = Bf.reshape(m, r, d)
+            unused = (alpha[train] != 0).sum(0) == 0
+            new_bank[unused] = bank[unused]
+            F_after, _, _ = wa.eval(new_bank, alpha)
+            bank_ok = float(F_after[train].sum()) <= float(F_before[train].sum())
+            extra["bank_accepted"] = float(bank_ok)
+            if bank_ok:
+                bank = new_bank
+            if bool(unused.any()):
+                worst = torch.argsort(torch.where(train, F_after if bank_ok else F_before,
+                                                  torch.full_like(F_before, -1.0)), descending=True, stable=True)
+                slots = unused.nonzero().flatten().tolist()
+                for slot, j in enumerate(slots):
+                    i = int(worst[slot % worst.numel()])
+                    target_i = torch.linalg.solve(
+                        wa.GA[i] + 1e-6 * wa.GA[i].diagonal().mean() * torch.eye(r, dtype=dtype, device=device),
+                        wa.Y[i],
+                    )
+                    bank[j] = target_i
+                reseeded = len(slots)
+            del wa
+        extra["mod_fallback"] = int(mod_fallback)
+        extra["atoms_reseeded"] = reseeded
+        extra["prune_fraction"] = pruned
+
+        # 3. unit-norm atoms, codes rescaled, row sums folded into the adapters
+        bank, alpha, A = _normalise_atoms(bank, alpha, A)
+
+        # 4. adapter refit
+        comp = ops.compose(bank, alpha)
+        A_new, fallbacks, G = fit_adapters(Z, comp, cfg.lambda_A)
+        if cfg.weight_aware:
+            res_old, _ = _residuals(Z, A, comp, norm.scale)
+            res_new, _ = _residuals(Z, A_new, comp, norm.scale)
+            keep = res_new <= res_old
+            A = torch.where(keep[:, None, None], A_new, A)
+            extra["adapters_accepted"] = float(keep.double().mean())
+        else:
+            A = A_new
+        extra["cholesky_fallbacks"] = fallbacks
+        lam_abs = cfg.lambda_A * float(G.diagonal(dim1=1, dim2=2).sum(1).mean()) / r
+        extra.update(M.condition_numbers(G, lam_abs))
+
+        # 5. temperature control (the sign lowers T when the support is above target; see the module docstring)
+        med = float((alpha[train] != 0).sum(1).double().median())
+        if cfg.sparsity != "topk":
+            T = min(max(T * math.exp(-cfg.eta * (med / target - 1.0)), cfg.T_min), cfg.T_max)
+        extra["step_time_s"] = time.perf_counter() - t_step
+        rec = record(step, extra)
+        rec["temperature"] = T
+        history.append(rec)
+        if callback is not None:
+            callback(rec)
+
+        # early stop on the validation error plateau with stable supports
+        state = {"bank": bank, "alpha": alpha, "A": A, "T": T, "step": step}
+        err = rec["rel_error_val" if use_val else "rel_error"]
+        if err < best_err * (1 - cfg.min_improvement):
+            best_err, best, stale = err, _snapshot(state), 0
+        else:
+            stale += 1
+        if stale >= cfg.patience and rec["support_change"] <= cfg.support_tol:
+            stopped_early = True
+            break
+
+    if best["step"] != state["step"]:
+        bank, alpha, A, T = best["bank"], best["alpha"], best["A"], best["T"]
+    final = history[best["step"]]
+    A_out = norm.fold_adapters(A)
+    summary: dict[str, Any] = {
+        **sweep,
+        "N": N, "p": p, "d": d,
+        "steps_run": len(history) - 1,
+        "best_step": best["step"],
+        "stopped_early": stopped_early,
+        "n_val": n_val,
+        "temperature": T,
+        "rel_error": final["rel_error"],
+        "rel_error_val": final["rel_error_val"],
+        "rel_error_all": final["rel_error_all"],
+        "rel_error_init": rec0["rel_error"],
+        "support_median": final.get("support_median"),
+        "support_mean": final.get("support_mean"),
+        "support_p95": final.get("support_p95"),
+        "support_overlap": final.get("support_overlap"),
+        "fit_time_s": time.perf_counter() - t_start,
+        **seed_metrics,
+        **M.atom_popularity(alpha, keep_vector=True),
+    }
+    return FitResult(
+        bank=bank.float(), alpha=alpha.float(), A=A_out.float(), normalization=norm.to(torch.float32),
+        history=history, metrics=summary, r=r, m=m, val_index=val_index,
+    )

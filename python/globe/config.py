@@ -1,0 +1,240 @@
+"""The trainer's configuration: :class:`GlobeConfig`, its validation and its resolution against a bank's shapes.
+
+Sizes are given as presets or integers and resolved once the experts' shapes are known
+(:meth:`GlobeConfig.resolve_r`, :meth:`GlobeConfig.resolve_m`):
+
+* ``r`` (inner dimension of A_i B~_i): ``"p/2"``, ``"3p/4"``, ``"p"`` or an integer. The presets are fractions
+  of ``q = min(p, d)``, not of p: W_i (p x d) has rank at most min(p, d), so when p > d (Mixtral: p=14336,
+  d=4096) a preset relative to p would ask for a rank W cannot have. For every fine-grained MoE (p <= d) this
+  is the same as relative to p. Presets round down and are at least 1; an integer must lie in [1, min(p, d)].
+* ``m`` (atoms in the bank): ``"n/8"``, ``"n/4"``, ``"n/2"`` or an integer, n being the number of experts in the
+  bank's scope (all layers' experts for scope ``global``, one layer's for scope ``layer``). Presets round down
+  and are at least 1; m may not exceed the experts the bank is fitted on.
+
+Regularisers are relative: ``lambda_A`` multiplies the mean diagonal of the adapter Gram matrices B~_i B~_iᵀ and
+``lambda_B`` the mean diagonal of the dictionary step's system, so their defaults do not depend on the
+weights' scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from globe.errors import ConfigError
+
+__all__ = ["GlobeConfig", "R_PRESETS", "M_PRESETS", "SPARSITIES", "SCOPES", "PHIS"]
+
+R_PRESETS = {"p/2": (1, 2), "3p/4": (3, 4), "p": (1, 1)}
+M_PRESETS = {"n/8": (1, 8), "n/4": (1, 4), "n/2": (1, 2)}
+SPARSITIES = ("entmax15", "sparsemax", "entmax_bisect", "topk")
+SCOPES = ("global", "layer")
+PHIS = ("identity", "tanh", "silu")
+SEEDING_METHODS = ("ts_pca", "left_gram_pca", "svd", "spherical_kmeans", "residual_greedy")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class GlobeConfig:
+    """Every knob of the GloBE trainer (design document sections 1-4), with its defaults.
+
+    r, m: sizes (presets or integers, see the module docstring). scope: "global" (one bank per family over all
+    MoE layers) or "layer". seeding / seeding_options: the warm start of :mod:`globe.seeding` and its keyword
+    arguments. sparsity: "entmax15", "sparsemax", "entmax_bisect" (with entmax_alpha) or "topk" (with top_k).
+    target_support: median number of atoms per expert the temperature controller aims at. eps: epsilon-prune
+    threshold on the codes. T0, T_min, T_max, eta: initial temperature, its bounds, the controller gain.
+    lambda_A, lambda_B: relative ridge of the adapter refit and of the dictionary step. steps: AM steps at most;
+    patience: steps without validation improvement (with stable supports) before stopping; val_fraction:
+    experts held out of the dictionary step to measure generalisation. weight_aware: fit codes and bank
+    against the true objective sum_i ||W_i - A_i sum_j alpha_ij B_j||^2 instead of the proxies. phi: the
+    nonlinearity of the composition (this trainer fits "identity" only). center: subtract the per-family mean.
+    seed, device, dtype: reproducibility and placement of the fit.
+    """
+
+    r: str | int = "p/2"
+    m: str | int = "n/4"
+    scope: str = "global"
+    seeding: str = "ts_pca"
+    seeding_options: dict[str, Any] = field(default_factory=dict)
+    sparsity: str = "entmax15"
+    entmax_alpha: float = 1.5
+    top_k: int | None = None
+    target_support: int = 4
+    eps: float = 1e-3
+    T0: float = 1.0
+    T_min: float = 0.05
+    T_max: float = 20.0
+    eta: float = 0.5
+    lambda_A: float = 1e-4
+    lambda_B: float = 1e-4
+    steps: int = 30
+    patience: int = 5
+    min_improvement: float = 1e-4
+    support_tol: float = 0.02
+    val_fraction: float = 0.1
+    weight_aware: bool = False
+    pg_iters: int = 5
+    kmeans_iters: int = 20
+    phi: str = "identity"
+    center: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- validation -------------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that is invalid."""
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"GlobeConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        def check_int(name: str, lo: int, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise bad(name, f"must be an integer >= {lo}")
+
+        def check_float(name: str, lo: float, strict: bool = False, hi: float | None = None) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise bad(name, "must be a number")
+            if (v <= lo) if strict else (v < lo):
+                raise bad(name, f"must be {'>' if strict else '>='} {lo}")
+            if hi is not None and v > hi:
+                raise bad(name, f"must be <= {hi}")
+
+        if isinstance(self.r, str):
+            if self.r not in R_PRESETS:
+                raise bad("r", f"must be one of {sorted(R_PRESETS)} or a positive integer")
+        else:
+            check_int("r", 1)
+        if isinstance(self.m, str):
+            if self.m not in M_PRESETS:
+                raise bad("m", f"must be one of {sorted(M_PRESETS)} or a positive integer")
+        else:
+            check_int("m", 1)
+        if self.scope not in SCOPES:
+            raise bad("scope", f"must be one of {SCOPES}")
+        if not isinstance(self.seeding, str) or not self.seeding:
+            raise bad("seeding", "must name a warm start method")
+        if not isinstance(self.seeding_options, dict):
+            raise bad("seeding_options", "must be a dict of keyword arguments")
+        if self.sparsity not in SPARSITIES:
+            raise bad("sparsity", f"must be one of {SPARSITIES}")
+        check_float("entmax_alpha", 1.0, strict=True)
+        check_int("top_k", 1, allow_none=True)
+        if self.sparsity == "topk" and self.top_k is None:
+            raise bad("top_k", 'must be set when sparsity="topk"')
+        check_int("target_support", 1)
+        check_float("eps", 0.0, hi=0.5)
+        check_float("T_min", 0.0, strict=True)
+        check_float("T_max", 0.0, strict=True)
+        check_float("T0", 0.0, strict=True)
+        if self.T_min > self.T_max:
+            raise bad("T_min", f"must not exceed T_max={self.T_max}")
+        if not self.T_min <= self.T0 <= self.T_max:
+            raise bad("T0", f"must lie in [T_min, T_max] = [{self.T_min}, {self.T_max}]")
+        check_float("eta", 0.0)
+        check_float("lambda_A", 0.0)
+        check_float("lambda_B", 0.0)
+        check_int("steps", 0)
+        check_int("patience", 1)
+        check_float("min_improvement", 0.0)
+        check_float("support_tol", 0.0, hi=1.0)
+        check_float("val_fraction", 0.0, hi=0.5)
+        if not isinstance(self.weight_aware, bool):
+            raise bad("weight_aware", "must be a bool")
+        check_int("pg_iters", 0)
+        check_int("kmeans_iters", 0)
+        if self.phi not in PHIS:
+            raise bad("phi", f"must be one of {PHIS}")
+        if not isinstance(self.center, bool):
+            raise bad("center", "must be a bool")
+        check_int("seed", 0)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise bad("device", "must be a torch device string such as 'cpu' or 'cuda'") from None
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"must be one of {sorted(DTYPES)}")
+
+    # --- resolution -------------------------------------------------------------------------------------
+
+    def resolve_r(self, p: int, d: int) -> int:
+        """The inner dimension for experts of shape p x d (presets are fractions of min(p, d))."""
+        q = min(p, d)
+        if isinstance(self.r, str):
+            num, den = R_PRESETS[self.r]
+            return max(1, (q * num) // den)
+        if self.r > q:
+            raise ConfigError(f"GlobeConfig.r: {self.r} exceeds min(p, d) = {q} for experts of shape {p} x {d}")
+        return int(self.r)
+
+    def resolve_m(self, n: int) -> int:
+        """The number of atoms for a bank over n experts."""
+        if isinstance(self.m, str):
+            num, den = M_PRESETS[self.m]
+            return max(1, (n * num) // den)
+        if self.m > n:
+            raise ConfigError(f"GlobeConfig.m: {self.m} atoms for a bank over only {n} experts")
+        return int(self.m)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    # --- serialisation ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GlobeConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"GlobeConfig.from_dict expects a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"GlobeConfig: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"GlobeConfig: {exc}") from None
+
+    def replace(self, **changes: Any) -> GlobeConfig:
+        return GlobeConfig.from_dict({**self.to_dict(), **changes})
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the settings that change the factors (device excluded: it changes placement only)."""
+        data = self.to_dict()
+        data.pop("device", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def sweep_key(self, r: int | None = None, m: int | None = None) -> dict[str, Any]:
+        """The ablation key of the design document: (seeding_method, m, r, target_support, lambda_B, lambda_A)."""
+        return {
+            "seeding_method": self.seeding,
+            "m": m if m is not None else self.m,
+            "r": r if r is not None else self.r,
+            "target_support": self.target_support,
+            "lambda_B": self.lambda_B,
+            "lambda_A": self.lambda_A,
+        }
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
