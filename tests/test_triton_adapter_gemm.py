@@ -4,7 +4,7 @@ Runs the kernels in the Triton interpreter on CPU tensors. Tolerances: the maxim
 element, divided by the largest reference magnitude of that output, must stay below
 
     fp32  2e-5   (fp32 accumulation; the inner product is rounded to fp32)
-    fp16  4e-3   (the x-dtype rounding of B~, of the inner product and of the output: a few fp16 ulps)
+    fp16  2e-3   (the x-dtype rounding of B~, of the inner product and of the output: a few fp16 ulps)
     bf16  3e-2   (the same roundings at bf16's 8-bit mantissa)
 
 Every buffer the launcher allocates is filled with NaN first, so an element no kernel writes fails the test.
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(
     reason="the Triton interpreter is not active (triton was imported before TRITON_INTERPRET=1 was set)",
 )
 
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 
 N, D, R, P, M = 5, 129, 37, 45, 7
 COUNTS = [0, 3, 17, 1, 0]  # empty first and last experts, uneven groups, a one-token expert
@@ -55,7 +55,8 @@ def _poison_and_bf16_dot(monkeypatch):
 
     def widen(h):
         if h.dtype.scalar == triton.language.bfloat16:
-            return _interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), triton.language.float32)
+            wide = (h.data.astype(np.uint32) << 16).view(np.float32)
+            return _interp.TensorHandle(wide, triton.language.float32)
         return h
 
     def create_dot(a, b, d, *args):
@@ -111,8 +112,8 @@ def _make(dtype, *, counts=COUNTS, bank=False, k=3, shifts=(True, True), shift_d
 def _reference64(offsets, args, codes, **kw):
     a64 = {k: v.double() for k, v in args.items()}
     c64 = {k: SparseCodes(c.indices, c.values.double()) for k, c in codes.items()}
-    x = a64.pop("x")
-    return reference.adapter_gemm(x, offsets, a64.pop("adapter_gate"), a64.pop("adapter_up"), **a64, **c64, **kw)
+    x, ag, au = a64.pop("x"), a64.pop("adapter_gate"), a64.pop("adapter_up")
+    return reference.adapter_gemm(x, offsets, ag, au, **a64, **c64, **kw)
 
 
 def _check(out, ref, dtype, out_dtype=None):
@@ -186,7 +187,9 @@ def test_gate_and_up_ranks_differ():
     _check(out, _reference64(offsets, args, codes, act=None), torch.float32)
 
 
-@pytest.mark.parametrize("out_dtype,shift_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize(
+    "out_dtype,shift_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16)]
+)
 def test_out_and_shift_dtypes(out_dtype, shift_dtype):
     """bf16 compute with an fp32 output / fp32 shifts, and an output dtype the kernel casts to afterwards."""
     offsets, args, codes = _make(torch.bfloat16, shift_dtype=shift_dtype, seed=5)
@@ -199,7 +202,7 @@ def test_through_dispatcher():
     a = dict(args)
     x, ag, au = a.pop("x"), a.pop("adapter_gate"), a.pop("adapter_up")
     ops.reset_counts()
-    with globe_kernels.use_backend("triton"):
+    with globe_kernels.use_backend("triton", "adapter_gemm"):
         out = ops.adapter_gemm(x, offsets, ag, au, **a, **codes, phi="silu")
     assert ops.backend_counts()["adapter_gemm"] == {"triton": 1}
     _check(out, _reference64(offsets, args, codes, phi="silu"), torch.float16)
@@ -217,7 +220,8 @@ def test_tile_map(block_t):
     offsets = _offsets(counts)
     T = sum(counts)
     expert, row, n_tiles = agm._tile_map(offsets, T, block_t)
-    want = [(e, off + s) for e, (off, c) in enumerate(zip(offsets.tolist(), counts)) for s in range(0, c, block_t)]
+    starts = offsets.tolist()
+    want = [(e, starts[e] + s) for e, c in enumerate(counts) for s in range(0, c, block_t)]
     assert n_tiles == expert.numel() == row.numel() >= len(want)
     assert list(zip(expert.tolist(), row.tolist()))[: len(want)] == want
     assert (expert[len(want):] == -1).all()

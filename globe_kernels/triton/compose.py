@@ -5,14 +5,15 @@ Design
 Each atom B_j is a contiguous run of L = r*d elements, so the kernel treats atoms and outputs as flat rows of
 length L and never needs an (r, d) mask: a program owns one BLOCK-wide slice of that row (coalesced,
 vectorised loads along d) and a group of GROUP_N experts. The launcher gives every group the sorted union of
-its experts' supports (``group_atoms``, ``group_count``) and a [U, GROUP_N] weight table whose column e holds
-expert e's weight of each atom of the union (zero where the atom is not in e's support). The program loops
-over the union only: it loads each atom slice once and adds the GROUP_N-vector of weights times the slice
-into a [GROUP_N, BLOCK] fp32 register accumulator, so an atom shared by several experts of a group is read
-once, not once per expert. Experts are ordered by their heaviest atom before grouping, so experts that share
-atoms tend to land in one group. The grid's fast axis runs over groups, so programs that run together read
-the same slice of the bank from L2. phi is applied to the accumulator, which is cast and stored once per
-expert; no atomics, each output element is written by exactly one program.
+its experts' supports and a [U, GROUP_N] weight table whose column e holds expert e's weight of each atom
+of the union (zero where the atom is not in e's support), see :func:`group_codes`. The program loops over the
+union only: it loads each atom slice once and adds the GROUP_N-vector of weights times the slice into a
+[GROUP_N, BLOCK] fp32 register accumulator, so an atom shared by several experts of a group is read once,
+not once per expert. The next atom's slice is loaded while the current one is accumulated (a hand-written
+prefetch: triton does not pipeline these index-dependent loads). Experts are ordered by their heaviest atom
+before grouping, so experts that share atoms tend to land in one group, and the grid's fast axis runs over
+groups, so programs that run together read the same slice of the bank from L2. phi is applied to the
+accumulator, which is cast and stored once per expert: no atomics, every output element has one writer.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ GROUP_N = 8
 CONFIGS = (
     (1024, 4, 1),
     (2048, 8, 1),
-    (512, 2, 1),
 )
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -122,7 +122,8 @@ def group_codes(codes: SparseCodes, m: int, group_n: int = GROUP_N):
 
     Returns (atoms [G, U] int32, weights [G, U, group_n] fp32, count [G] int32, experts [G, group_n] int32)
     with U = min(group_n * k, m) (a bound, so no device sync); duplicate indices of one expert add up and
-    slots with index -1 are ignored. Experts are sorted by their heaviest atom so overlapping ones group.
+    slots with index -1 are ignored (so are indices >= m, which the reference rejects; checking would cost a
+    device sync). Experts are sorted by their heaviest atom so overlapping ones group.
     """
     idx = codes.indices.long()
     vals = codes.values.float()
@@ -173,6 +174,7 @@ def launch_compose(bank: torch.Tensor, codes: SparseCodes, out: torch.Tensor, ph
     if not out.is_contiguous() or out.shape != (n, r, d):
         raise ValueError(f"out must be a contiguous [{n}, {r}, {d}] tensor, got {tuple(out.shape)}")
     bank = bank.contiguous()
+    codes = SparseCodes(codes.indices.to(bank.device), codes.values.to(bank.device))
     atoms, weights, count, experts = group_codes(codes, m)
     G, U = atoms.shape
     if autotune_enabled():

@@ -15,7 +15,8 @@ then refined step by step. Each step, in the default (proxy) mode:
 3. Atoms are normalised to unit Frobenius norm, codes rescaled by the norms (reconstruction unchanged), and
    then each row's sum s_i is folded into the adapter (alpha_i /= s_i, A_i *= s_i), exact for phi = identity,
    so rows stay on the simplex.
-4. Adapter refit for every expert: A_i = Z_i B~_iᵀ (B~_i B~_iᵀ + lam_A I)^-1 via ``ops.cholesky_solve_batched``.
+4. Adapter refit for every expert: A_i = Z_i B~_iᵀ (B~_i B~_iᵀ + lam_A I)^-1 via
+   ``ops.cholesky_solve_batched``.
 5. Temperature control toward the target median support:
        T <- clamp(T * exp(-eta * (median_support / target - 1)), T_min, T_max).
    The sign is the opposite of the design document's formula: a larger T flattens entmax(log q / T) and
@@ -25,8 +26,9 @@ then refined step by step. Each step, in the default (proxy) mode:
 Weight-aware mode (``config.weight_aware``) replaces steps 1-2 by exact block-coordinate steps on the true
 objective F = sum_i ||Z_i - A_i sum_j alpha_ij B_j||^2 (a monotone descent):
 
-* codes: per expert a simplex-constrained QP in alpha_i, solved by projected gradient with exact line search
-  started at the current codes (each iteration cannot increase F_i), then sparsified (tempered entmax +
+* codes: per expert a simplex-constrained QP in alpha_i (Q_i [m, m] from the bank row Gram), solved by
+  projected gradient with step 1/L started at the current codes (no iteration can increase F_i), then
+  sparsified (tempered entmax +
   prune), then projected gradient restricted to the chosen support; the new codes are accepted per expert
   only if F_i did not increase, otherwise the old codes stay;
 * bank: the normal equations of F in B, [m r, m r] = sum_i (alpha_i alpha_iᵀ) ⊗ (A_iᵀ A_i) with right-hand
@@ -105,7 +107,7 @@ class FitResult:
         return W + self.normalization.mean.to(W) if self.normalization.center else W
 
 
-# --- helpers -------------------------------------------------------------------------------------------------
+# --- helpers ------------------------------------------------------------------------------------------------
 
 
 def _frob2(x: torch.Tensor) -> torch.Tensor:
@@ -118,9 +120,10 @@ def _inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.double() * y.double()).sum(dim=(1, 2))
 
 
-def _residuals(Z: torch.Tensor, A: torch.Tensor, composed: torch.Tensor, scale: torch.Tensor) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Per-expert ||Z_i - A_i B~_i||^2 in the normalised space and ||diag(s)(Z_i - A_i B~_i)||^2 in the original."""
+def _residuals(
+    Z: torch.Tensor, A: torch.Tensor, composed: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert ||Z_i - A_i B~_i||^2 (normalised) and ||diag(s)(Z_i - A_i B~_i)||^2 (original)."""
     N = Z.shape[0]
     res_z = torch.empty(N, dtype=torch.float64, device=Z.device)
     res_w = torch.empty(N, dtype=torch.float64, device=Z.device)
@@ -140,9 +143,11 @@ def _solve_spd(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, bool, 
     return torch.linalg.lstsq(H, rhs).solution, True, torch.zeros(0, dtype=H.dtype, device=H.device)
 
 
-def _normalise_atoms(bank: torch.Tensor, alpha: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                        torch.Tensor]:
-    """Unit-norm atoms; codes rescaled by the norms, each row's sum folded into its adapter (exact for identity
+def _normalise_atoms(
+    bank: torch.Tensor, alpha: torch.Tensor, A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit-norm atoms; codes rescaled by the norms, each row's sum folded into its adapter (exact for
+    identity
     phi): A_i sum_j alpha_ij B_j is unchanged and rows of alpha stay on the simplex."""
     norms = bank.reshape(bank.shape[0], -1).norm(dim=1)
     norms = torch.where(norms > 0, norms, torch.ones_like(norms))
@@ -153,18 +158,35 @@ def _normalise_atoms(bank: torch.Tensor, alpha: torch.Tensor, A: torch.Tensor) -
     return bank, alpha / sums[:, None], A * sums[:, None, None]
 
 
+def _ls_targets(Z: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Each expert's least-squares right factor: (A_iᵀA_i + ridge)^-1 A_iᵀ Z_i, normalised."""
+    G = A.transpose(1, 2) @ A
+    r = G.shape[1]
+    ridge = 1e-6 * float(G.diagonal(dim1=1, dim2=2).mean().clamp_min(torch.finfo(G.dtype).tiny))
+    G = G + ridge * torch.eye(r, dtype=G.dtype, device=G.device)
+    X = torch.empty(Z.shape[0], r, Z.shape[2], dtype=Z.dtype, device=Z.device)
+    for lo in range(0, Z.shape[0], _CHUNK):
+        Y = A[lo : lo + _CHUNK].transpose(1, 2) @ Z[lo : lo + _CHUNK]
+        L, info = torch.linalg.cholesky_ex(G[lo : lo + _CHUNK])
+        X[lo : lo + _CHUNK] = (
+            torch.cholesky_solve(Y, L)
+            if int(info.abs().sum()) == 0
+            else torch.linalg.lstsq(G[lo : lo + _CHUNK], Y).solution
+        )
+    return X / X.flatten(1).norm(dim=1).clamp_min(torch.finfo(X.dtype).tiny)[:, None, None]
+
+
 def _snapshot(state: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
 
 
-# --- weight-aware blocks -------------------------------------------------------------------------------------
+# --- weight-aware blocks ------------------------------------------------------------------------------------
 
 
 class _WeightAware:
     """Quantities of the true objective for fixed adapters: GA_i = A_iᵀ A_i, Y_i = A_iᵀ Z_i, ||Z_i||^2.
 
-    F_i(alpha_i, B) = ||Z_i||^2 - 2 <Y_i, B~_i> + <GA_i B~_i, B~_i>; with V_i = Y_i - GA_i B~_i the gradient in
-    alpha_ij is -2 <V_i, B_j> and F_i = ||Z_i||^2 - <Y_i + V_i, B~_i>.
+    F_i(alpha_i, B) = ||Z_i||^2 - 2 <Y_i, B~_i> + <GA_i B~_i, B~_i>, a quadratic in alpha_i (see quadratic).
     """
 
     def __init__(self, Z: torch.Tensor, A: torch.Tensor, zn: torch.Tensor):
@@ -174,35 +196,47 @@ class _WeightAware:
             self.Y[lo : lo + _CHUNK] = A[lo : lo + _CHUNK].transpose(1, 2) @ Z[lo : lo + _CHUNK]
         self.zn = zn
 
-    def eval(self, bank: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(F_i [N] float64, gradient [N, m], composed B~ [N, r, d])."""
-        comp = ops.compose(bank, alpha)
-        V = self.Y - self.GA @ comp
-        F = self.zn - _inner(self.Y + V, comp)
-        grad = -2 * (V.reshape(V.shape[0], -1) @ bank.reshape(bank.shape[0], -1).T)
-        return F, grad, comp
+    def quadratic(self, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F_i(alpha) = ||Z_i||^2 - 2 c_iᵀ alpha + alphaᵀ Q_i alpha: Q [N, m, m], c [N, m].
 
-    def pg(self, bank: torch.Tensor, alpha: torch.Tensor, iters: int, mask: torch.Tensor | None,
-           lip: torch.Tensor) -> torch.Tensor:
-        """Projected gradient with exact line search on the per-expert QP (never increases any F_i)."""
+        Q_i[j, k] = <B_j, GA_i B_k> = sum_ab GA_i[a, b] <B_j[a], B_k[b]>: one product with the bank's row
+        Gram [(m r)^2] instead of N m r^2 d work."""
+        m, r, d = bank.shape
+        N = self.GA.shape[0]
+        rows = bank.reshape(m * r, d)
+        P = (rows @ rows.T).reshape(m, r, m, r).permute(1, 3, 0, 2).reshape(r * r, m * m)
+        Q = (self.GA.reshape(N, r * r) @ P).reshape(N, m, m)
+        Q = (Q + Q.transpose(1, 2)) / 2
+        c = self.Y.reshape(N, -1) @ bank.reshape(m, -1).T
+        return Q, c
+
+    def objective(self, Q: torch.Tensor, c: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """F_i for every expert, float64."""
+        a = alpha.double()
+        quad = (a[:, None, :] @ Q.double() @ a[:, :, None]).flatten()
+        return self.zn - 2 * (c.double() * a).sum(1) + quad
+
+    @staticmethod
+    def qp(
+        Q: torch.Tensor, c: torch.Tensor, alpha: torch.Tensor, iters: int, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Projected gradient with step 1/L (L = 2 lambda_max(Q_i)) on min alphaᵀQ_i alpha - 2 c_iᵀ alpha
+        over the simplex (restricted to mask): every iteration is a descent step, F_i never increases."""
+        lip = 2 * torch.linalg.eigvalsh(Q.double())[:, -1].clamp_min(1e-300).to(Q.dtype)
         for _ in range(iters):
-            _, grad, _ = self.eval(bank, alpha)
-            target = project_simplex(alpha - grad / lip[:, None], mask)
-            direction = target - alpha
-            D = ops.compose(bank, direction)
-            curv = _inner(self.GA @ D, D)
-            slope = (grad.double() * direction.double()).sum(1)
-            t = torch.where(curv > 0, (-slope / (2 * curv.clamp_min(1e-300))).clamp(0, 1),
-                            (slope < 0).double())
-            t = torch.where(slope < 0, t, torch.zeros_like(t))
-            alpha = (alpha + t.to(alpha.dtype)[:, None] * direction).clamp_min(0)
-            alpha = alpha / alpha.sum(1, keepdim=True)
+            grad = 2 * ((Q @ alpha[:, :, None]).squeeze(2) - c)
+            alpha = project_simplex(alpha - grad / lip[:, None], mask)
         return alpha
 
-    def bank_system(self, alpha: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """H [m r, m r] = sum_i (alpha_i alpha_iᵀ) ⊗ GA_i + ridge, rhs [m r, d] = sum_i alpha_i ⊗ Y_i."""
+    def bank_system(
+        self, alpha: torch.Tensor, sel: torch.Tensor, lam: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """H [m r, m r] = sum_i (alpha_i alpha_iᵀ) ⊗ GA_i + ridge, rhs [m r, d] = sum_i alpha_i ⊗ Y_i over the
+        experts sel (indices); the sum runs over each expert's support pairs only."""
+        alpha = alpha[sel]
+        GA, Y = self.GA[sel], self.Y[sel]
         N, m = alpha.shape
-        r, d = self.Y.shape[1], self.Y.shape[2]
+        r, d = Y.shape[1], Y.shape[2]
         codes = ops.to_sparse_codes(alpha)
         idx, val = codes.indices.long(), codes.values
         k = idx.shape[1]
@@ -212,17 +246,17 @@ class _WeightAware:
             ii, vv = idx[lo : lo + chunk], val[lo : lo + chunk]
             valid = (ii[:, :, None] >= 0) & (ii[:, None, :] >= 0)
             w = torch.where(valid, vv[:, :, None] * vv[:, None, :], torch.zeros((), dtype=vv.dtype))
-            pair = (ii.clamp_min(0)[:, :, None] * m + ii.clamp_min(0)[:, None, :])
-            src = w[..., None, None] * self.GA[lo : lo + chunk, None, None]
+            pair = ii.clamp_min(0)[:, :, None] * m + ii.clamp_min(0)[:, None, :]
+            src = w[..., None, None] * GA[lo : lo + chunk, None, None]
             H4.index_add_(0, pair.reshape(-1), src.reshape(-1, r, r))
         H = H4.reshape(m, m, r, r).permute(0, 2, 1, 3).reshape(m * r, m * r)
-        rhs = (alpha.T @ self.Y.reshape(N, -1)).reshape(m * r, d)
+        rhs = (alpha.T @ Y.reshape(N, -1)).reshape(m * r, d)
         ridge = lam * float(H.diagonal().mean().clamp_min(torch.finfo(H.dtype).tiny))
         H = H + ridge * torch.eye(m * r, dtype=H.dtype, device=H.device)
         return H, rhs
 
 
-# --- the trainer ---------------------------------------------------------------------------------------------
+# --- the trainer --------------------------------------------------------------------------------------------
 
 
 def fit_bank(
@@ -242,7 +276,8 @@ def fit_bank(
     cfg.validate()
     if cfg.phi != "identity":
         raise ConfigError(
-            f"GlobeConfig.phi: this trainer fits phi='identity' only (got {cfg.phi!r}); tanh and silu need the "
+            f"GlobeConfig.phi: this trainer fits phi='identity' only (got {cfg.phi!r}); tanh and silu need "
+            "the "
             "nonlinear refinement"
         )
     if W.dim() != 3:
@@ -285,7 +320,7 @@ def fit_bank(
     X = seed.proxies.to(device=device, dtype=dtype)
     X = X / X.flatten(1).norm(dim=1).clamp_min(torch.finfo(dtype).tiny)[:, None, None]
 
-    # initial bank, codes (least squares + simplex projection + epsilon-prune) and adapters A_i = Z_i pinv(P_i)
+    # initial bank, codes (least squares + simplex projection + epsilon-prune), adapters A_i = Z_i pinv(P_i)
     bank, _ = kmeans_bank(X[train], m, generator=gen, iters=cfg.kmeans_iters)
     probs, _ = simplex_codes(X, bank)
     alpha, _ = ops.prune_renorm(probs, cfg.eps)
@@ -354,17 +389,23 @@ def fit_bank(
     best = _snapshot(state)
     stale = 0
     stopped_early = False
-    K_eig = None
 
     for step in range(1, cfg.steps + 1):
         t_step = time.perf_counter()
         extra: dict[str, Any] = {}
         reseeded = 0
         if not cfg.weight_aware:
-            # 1. coding: least squares against the proxies, simplex projection, tempered entmax, prune
+            # 1. coding: least squares against the targets, simplex projection, tempered entmax, prune
+            if cfg.refresh_targets and step > 1:
+                X = _ls_targets(Z, A)
             probs, raw = simplex_codes(X, bank)
             alpha, _, pruned = sparsify(
-                probs, T, sparsity=cfg.sparsity, eps=cfg.eps, entmax_alpha=cfg.entmax_alpha, top_k=cfg.top_k,
+                probs,
+                T,
+                sparsity=cfg.sparsity,
+                eps=cfg.eps,
+                entmax_alpha=cfg.entmax_alpha,
+                top_k=cfg.top_k,
                 scores=raw,
             )
             # 2. MOD on the training experts
@@ -389,33 +430,31 @@ def fit_bank(
             bank = new_bank
         else:
             wa = _WeightAware(Z, A, zn)
-            F_old, _, _ = wa.eval(bank, alpha)
-            if K_eig is None or True:
-                Bf = bank.reshape(m, -1)
-                K_eig = float(torch.linalg.eigvalsh((Bf @ Bf.T).double())[-1])
-            lip = 2 * wa.GA.double().flatten(1).norm(dim=1) * K_eig
-            lip = lip.clamp_min(1e-30).to(dtype)
-            # 1. codes: projected gradient on the full simplex, sparsify, projected gradient on the support
-            a_pg = wa.pg(bank, alpha, cfg.pg_iters, None, lip)
-            _, grad, _ = wa.eval(bank, a_pg)
+            Q, c = wa.quadratic(bank)
+            F_old = wa.objective(Q, c, alpha)
+            # 1. codes: the per-expert simplex QP from the current codes; the tempered entmax picks the
+            # support; the QP again on that support; accepted per expert only if F_i did not increase
+            a_qp = wa.qp(Q, c, alpha, cfg.pg_iters, None)
+            grad = 2 * ((Q @ a_qp[:, :, None]).squeeze(2) - c)
             a_sp, _, pruned = sparsify(
-                a_pg, T, sparsity=cfg.sparsity, eps=cfg.eps, entmax_alpha=cfg.entmax_alpha, top_k=cfg.top_k,
+                a_qp,
+                T,
+                sparsity=cfg.sparsity,
+                eps=cfg.eps,
+                entmax_alpha=cfg.entmax_alpha,
+                top_k=cfg.top_k,
                 scores=-grad,
             )
-            a_sp = wa.pg(bank, a_sp, cfg.pg_iters, a_sp > 0, lip)
+            on = a_sp > 0
+            a_sp = wa.qp(Q, c, project_simplex(a_qp, on), cfg.pg_iters, on)
             a_sp, _ = ops.prune_renorm(a_sp, cfg.eps)
-            F_new, _, _ = wa.eval(bank, a_sp)
+            F_new = wa.objective(Q, c, a_sp)
             accept = F_new <= F_old
             alpha = torch.where(accept[:, None], a_sp, alpha)
             extra["codes_accepted"] = float(accept.double().mean())
             # 2. bank: normal equations of the true objective over the training experts
-            F_before, _, _ = wa.eval(bank, alpha)
-            H, rhs = wa.bank_system(alpha[train].contiguous(), lam_B)
-            wa_train = wa
-            sel = train.nonzero().flatten()
-            Y_train = wa.Y[sel]
-            rhs = (alpha[train].T @ Y_train.reshape(sel.numel(), -1)).reshape(m * r, d)
-            del wa_train
+            F_before = wa.objective(Q, c, alpha)
+            H, rhs = wa.bank_system(alpha, train.nonzero().flatten(), lam_B)
             Bf, mod_fallback, Ldiag = _solve_spd(H, rhs)
             extra["cond_mod"] = (
                 float((Ldiag.max() / Ldiag.min().clamp_min(1e-300)) ** 2) if Ldiag.numel() else float("inf")
@@ -423,19 +462,23 @@ def fit_bank(
             new_bank = Bf.reshape(m, r, d)
             unused = (alpha[train] != 0).sum(0) == 0
             new_bank[unused] = bank[unused]
-            F_after, _, _ = wa.eval(new_bank, alpha)
+            F_after = wa.objective(*wa.quadratic(new_bank), alpha)
             bank_ok = float(F_after[train].sum()) <= float(F_before[train].sum())
             extra["bank_accepted"] = float(bank_ok)
             if bank_ok:
                 bank = new_bank
             if bool(unused.any()):
-                worst = torch.argsort(torch.where(train, F_after if bank_ok else F_before,
-                                                  torch.full_like(F_before, -1.0)), descending=True, stable=True)
+                worst = torch.argsort(
+                    torch.where(train, F_after if bank_ok else F_before, torch.full_like(F_before, -1.0)),
+                    descending=True,
+                    stable=True,
+                )
                 slots = unused.nonzero().flatten().tolist()
                 for slot, j in enumerate(slots):
                     i = int(worst[slot % worst.numel()])
                     target_i = torch.linalg.solve(
-                        wa.GA[i] + 1e-6 * wa.GA[i].diagonal().mean() * torch.eye(r, dtype=dtype, device=device),
+                        wa.GA[i]
+                        + 1e-6 * wa.GA[i].diagonal().mean() * torch.eye(r, dtype=dtype, device=device),
                         wa.Y[i],
                     )
                     bank[j] = target_i
@@ -463,7 +506,7 @@ def fit_bank(
         lam_abs = cfg.lambda_A * float(G.diagonal(dim1=1, dim2=2).sum(1).mean()) / r
         extra.update(M.condition_numbers(G, lam_abs))
 
-        # 5. temperature control (the sign lowers T when the support is above target; see the module docstring)
+        # 5. temperature control (lowers T when the support is above target; see the module docstring)
         med = float((alpha[train] != 0).sum(1).double().median())
         if cfg.sparsity != "topk":
             T = min(max(T * math.exp(-cfg.eta * (med / target - 1.0)), cfg.T_min), cfg.T_max)
@@ -491,7 +534,9 @@ def fit_bank(
     A_out = norm.fold_adapters(A)
     summary: dict[str, Any] = {
         **sweep,
-        "N": N, "p": p, "d": d,
+        "N": N,
+        "p": p,
+        "d": d,
         "steps_run": len(history) - 1,
         "best_step": best["step"],
         "stopped_early": stopped_early,
@@ -510,6 +555,13 @@ def fit_bank(
         **M.atom_popularity(alpha, keep_vector=True),
     }
     return FitResult(
-        bank=bank.float(), alpha=alpha.float(), A=A_out.float(), normalization=norm.to(torch.float32),
-        history=history, metrics=summary, r=r, m=m, val_index=val_index,
+        bank=bank.float(),
+        alpha=alpha.float(),
+        A=A_out.float(),
+        normalization=norm.to(torch.float32),
+        history=history,
+        metrics=summary,
+        r=r,
+        m=m,
+        val_index=val_index,
     )

@@ -1,4 +1,4 @@
-"""The initial bank, codes and adapters (design document step 5), and the code-space helpers the AM loop shares.
+"""The initial bank, codes and adapters (design document step 5), and the code helpers of the AM loop.
 
 * :func:`kmeans_bank`: m atoms from the proxies B_i^(0) by k-means (k-means++ seeding drawn from the caller's
   generator, then Lloyd iterations) on the unit-normalised, flattened proxies; atoms get unit Frobenius norm.
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 # probabilities below this are treated as zero when taking logs for the tempered entmax
-LOG_FLOOR = 1e-8
+LOG_FLOOR = 1e-4
 
 
 def project_simplex(v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,8 +121,9 @@ def ls_codes(targets: torch.Tensor, bank: torch.Tensor, ridge: float = 1e-6) -> 
     m = bank.shape[0]
     Bf = bank.reshape(m, -1)
     K = Bf @ Bf.T
-    K = K + ridge * K.diagonal().mean().clamp_min(torch.finfo(K.dtype).tiny) * torch.eye(m, dtype=K.dtype,
-                                                                                            device=K.device)
+    K = K + ridge * K.diagonal().mean().clamp_min(torch.finfo(K.dtype).tiny) * torch.eye(
+        m, dtype=K.dtype, device=K.device
+    )
     rhs = targets.reshape(targets.shape[0], -1) @ Bf.T  # [N, m]
     L, info = torch.linalg.cholesky_ex(K)
     if int(info) == 0:
@@ -131,7 +132,7 @@ def ls_codes(targets: torch.Tensor, bank: torch.Tensor, ridge: float = 1e-6) -> 
 
 
 def _tempered_logits(probs: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
-    """log of probabilities with a graded floor: zero entries get log(LOG_FLOOR) minus their score deficit.
+    """log of probabilities with a graded floor: zero entries get log(LOG_FLOOR) * (1 + their score deficit).
 
     The deficit orders the zeros by how close their raw score came to the support (the least-squares value
     for the projection's zeros), so when the temperature rises the atoms enter one by one in that order
@@ -147,7 +148,7 @@ def _tempered_logits(probs: torch.Tensor, scores: torch.Tensor | None) -> torch.
         torch.finfo(scores.dtype).tiny
     )
     deficit = (scores.max(1, keepdim=True).values - scores) / span  # in [0, 1]
-    return torch.where(zero, logp - deficit, logp)
+    return torch.where(zero, logp * (1 + deficit), logp)
 
 
 def sparsify(
@@ -200,8 +201,9 @@ def simplex_codes(targets: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tens
     return project_simplex(raw), raw
 
 
-def fit_adapters(Z: torch.Tensor, composed: torch.Tensor, lam: float, chunk: int = 512) -> tuple[torch.Tensor, int,
-                                                                                                   torch.Tensor]:
+def fit_adapters(
+    Z: torch.Tensor, composed: torch.Tensor, lam: float, chunk: int = 512
+) -> tuple[torch.Tensor, int, torch.Tensor]:
     """A_i = Z_i B~_iᵀ (B~_i B~_iᵀ + lam_i I)^-1 for Z [N, p, d], composed [N, r, d].
 
     lam is relative: the ridge is lam * mean_i(trace(G_i) / r). Returns (A [N, p, r], Cholesky fallbacks, G

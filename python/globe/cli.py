@@ -29,7 +29,7 @@ from globe.errors import ConfigError, GlobeError
 __all__ = ["main", "build_parser", "parse_size", "load_config_file", "resolve_config"]
 
 PROG = "globe"
-CONFIG_FILE = "config.json"  # the resolved config of a run, reusable with --config
+CONFIG_FILE = "compress_config.json"  # the resolved config of a run, reusable with --config
 RUN_FILE = "run.json"  # what was compressed, by which command
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -63,11 +63,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-# --- sizes and config ----------------------------------------------------------------------------------------
+# --- sizes and config ---------------------------------------------------------------------------------------
 
 
 def parse_size(option: str, text: str | int, presets: Sequence[str]) -> str | int:
-    """A size option's value: one of ``presets`` or a positive integer; UsageError naming the option otherwise."""
+    """A size option's value: one of ``presets`` or a positive integer; else UsageError naming the option."""
     if isinstance(text, int) and not isinstance(text, bool):
         value: str | int = text
     else:
@@ -127,7 +127,8 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
     "r": (
         ("-r", "--r"),
         "R",
-        "inner dimension of each adapter A_i (p x r) and atom B_j (r x d): a preset p/2, 3p/4 or p (fractions "
+        "inner dimension of each adapter A_i (p x r) and atom B_j (r x d): a preset p/2, 3p/4 or p "
+        "(fractions "
         "of min(p, d), p being the expert width) or an integer no larger than min(p, d)",
     ),
     "m": (
@@ -136,12 +137,17 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
         "atoms per bank: a preset n/8, n/4 or n/2 (n = experts sharing the bank: all MoE layers' experts for "
         "--scope global, one layer's for --scope layer) or an integer no larger than n",
     ),
-    "scope": (("--scope",), None, "global: one bank per family over all MoE layers; layer: one bank per layer"),
+    "scope": (
+        ("--scope",),
+        None,
+        "global: one bank per family over all MoE layers; layer: one bank per layer",
+    ),
     "seeding": (("--seeding",), None, "warm start that builds the proxies B_i^(0) of the initial bank"),
     "seeding_options": (
         ("--seeding-option",),
         "KEY=VALUE",
-        "keyword argument of the warm start (repeatable; VALUE is read as JSON when it parses, else a string)",
+        "keyword argument of the warm start (repeatable; VALUE is read as JSON when it parses, else as a "
+        "string)",
     ),
     "sparsity": (
         ("--sparsity",),
@@ -160,7 +166,11 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
     "T_min": (("--t-min",), "T", "lower bound of the temperature"),
     "T_max": (("--t-max",), "T", "upper bound of the temperature"),
     "eta": (("--eta",), "ETA", "gain of the temperature controller T <- T exp(eta (support/target - 1))"),
-    "lambda_A": (("--lambda-a",), "L", "ridge of the adapter refit, relative to the Gram matrices' mean diagonal"),
+    "lambda_A": (
+        ("--lambda-a",),
+        "L",
+        "ridge of the adapter refit, relative to the Gram matrices' mean diagonal",
+    ),
     "lambda_B": (("--lambda-b",), "L", "ridge of the dictionary (MOD) step, relative to its mean diagonal"),
     "steps": (("--steps",), "S", "alternating-minimisation steps at most"),
     "patience": (
@@ -168,9 +178,17 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
         "P",
         "early stop after this many steps without validation improvement while supports are stable",
     ),
-    "min_improvement": (("--min-improvement",), "X", "relative validation improvement that counts as progress"),
+    "min_improvement": (
+        ("--min-improvement",),
+        "X",
+        "relative validation improvement that counts as progress",
+    ),
     "support_tol": (("--support-tol",), "X", "relative change of the median support still called stable"),
-    "val_fraction": (("--val-fraction",), "F", "share of experts held out of the bank fit to measure validation"),
+    "val_fraction": (
+        ("--val-fraction",),
+        "F",
+        "share of experts held out of the bank fit to measure validation",
+    ),
     "weight_aware": (
         ("--weight-aware",),
         None,
@@ -283,8 +301,23 @@ def resolve_config(args: argparse.Namespace, fields: Sequence[str]) -> Any:
     return cm.GlobeConfig.from_dict(data)
 
 
+def _name_option(message: str, args: argparse.Namespace) -> str:
+    """'GlobeConfig.eps: ...' -> '--eps: ...' when the value came from the command line, else name the key."""
+    import re
+
+    match = re.match(r"GlobeConfig\.(\w+): (.*)", message)
+    if not match:
+        return message
+    name, rest = match.groups()
+    flags = _OPTION_HELP.get(name, ((f"--{name.lower().replace('_', '-')}",), None, ""))[0]
+    if getattr(args, name, None) is not None:
+        return f"{flags[-1]}: {rest}"
+    where = f" in {args.config}" if args.config else ""
+    return f"config key {name}{where}: {rest}"
+
+
 def check_sizes(config: Any, ckpt: Any) -> tuple[int, int, int]:
-    """Resolve r and m against the checkpoint's shapes: (r, m, n in the bank's scope); UsageError if they don't fit."""
+    """r, m for the checkpoint's shapes: (r, m, n in the bank's scope); UsageError if too big."""
     p, d = ckpt.expert_dim, ckpt.hidden_size
     q = min(p, d)
     n = ckpt.num_experts * (len(ckpt.moe_layers) if config.scope == "global" else 1)
@@ -293,11 +326,13 @@ def check_sizes(config: Any, ckpt: Any) -> tuple[int, int, int]:
         raise UsageError(f"--r: {config.r} is larger than {which} for the experts of {ckpt.path}")
     if isinstance(config.m, int) and config.m > n:
         where = "all MoE layers" if config.scope == "global" else "one layer (--scope layer)"
-        raise UsageError(f"--m: {config.m} atoms is more than the n={n} experts of {where} that share the bank")
+        raise UsageError(
+            f"--m: {config.m} atoms is more than the n={n} experts of {where} that share the bank"
+        )
     return config.resolve_r(p, d), config.resolve_m(n), n
 
 
-# --- output folder ---------------------------------------------------------------------------------------------
+# --- output folder ------------------------------------------------------------------------------------------
 
 
 def _read_json(path: Path) -> Any:
@@ -317,8 +352,9 @@ def prepare_output(
 ) -> tuple[bool, bool]:
     """Decide what to do with the output folder: (resume the run there?, is that run already complete?).
 
-    An existing run (config.json, .partial/ or globe.json present) is continued only with --resume and the same
-    config and checkpoint, replaced only with --overwrite; a non-empty folder that holds no run is refused.
+    An existing run (run.json, compress_config.json, .partial/ or globe.json present) is continued only with
+    --resume and the same config and checkpoint, replaced only with --overwrite; a non-empty folder that holds
+    no run is refused.
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o/--out: {out} exists and is not a folder")
@@ -326,11 +362,9 @@ def prepare_output(
         if resume:
             print(f"note: {out} holds no run to resume; starting a new one", file=sys.stderr)
         return False, False
-    markers = [name for name in (CONFIG_FILE, PARTIAL_DIR, MANIFEST) if (out / name).exists()]
+    markers = [name for name in (RUN_FILE, CONFIG_FILE, PARTIAL_DIR, MANIFEST) if (out / name).exists()]
     if not markers:
-        raise UsageError(
-            f"-o/--out: {out} is not empty and holds no GloBE run; choose a new or empty folder"
-        )
+        raise UsageError(f"-o/--out: {out} is not empty and holds no GloBE run; choose a new or empty folder")
     complete = (out / MANIFEST).is_file() and not (out / PARTIAL_DIR).exists()
     state = "a finished run" if complete else "an interrupted run"
     if overwrite:
@@ -347,11 +381,15 @@ def prepare_output(
     old_run = _read_json(out / RUN_FILE) or {}
     if not resume:
         raise UsageError(
-            f"-o/--out: {out} already holds {state}; pass --resume to continue it, --overwrite to replace it, "
-            "or choose another folder"
+            f"-o/--out: {out} already holds {state}; pass --resume to continue it, --overwrite to replace "
+            "it, or choose another folder"
         )
-    new_config = config.to_dict()
-    diff = _config_diff(old_config or {}, new_config) if old_config is not None else ["(no saved config)"]
+    # the device changes where the fit runs, not its result: a run may be resumed on another device
+    new_config = {k: v for k, v in config.to_dict().items() if k != "device"}
+    old_config = (
+        {k: v for k, v in old_config.items() if k != "device"} if isinstance(old_config, dict) else None
+    )
+    diff = _config_diff(old_config, new_config) if old_config is not None else ["no saved config"]
     if diff:
         raise UsageError(
             f"--resume: {out} holds a run with a different config ({'; '.join(diff[:4])}"
@@ -366,7 +404,7 @@ def prepare_output(
     return True, complete
 
 
-# --- progress ---------------------------------------------------------------------------------------------------
+# --- progress -----------------------------------------------------------------------------------------------
 
 
 def _fmt_seconds(s: float) -> str:
@@ -376,27 +414,30 @@ def _fmt_seconds(s: float) -> str:
 class Progress:
     """Turns the trainer's progress events into tqdm bars and a line per finished stage.
 
-    One bar per part (family x bank scope) counts the AM steps, with the current relative error, median
-    support and temperature as postfix; stage starts and ends are written above the bars. Also records the
-    seconds spent per part (for the summary table) and honours the test hook GLOBE_TEST_INTERRUPT_AFTER.
+    Bars: one over the banks to fit (one per family, or per family and layer with --scope layer), and one per
+    AM run counting its steps, with the current relative error, median support and temperature as postfix.
+    Lines: for each bank, reading plus warm start plus initial bank, then the AM run; at the end, export.
+    Also records the seconds spent per bank and honours the test hook GLOBE_TEST_INTERRUPT_AFTER.
     """
 
-    def __init__(self, *, enabled: bool = True, stream: Any = None):
+    def __init__(self, *, steps: int, enabled: bool = True, stream: Any = None):
+        self.steps = int(steps)
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
-        self.bar: Any = None
-        self.part_start: dict[tuple[str, str], float] = {}
+        self.parts_bar: Any = None
+        self.am_bar: Any = None
+        self.t_part: dict[tuple[str, str], float] = {}
+        self.t_last = time.perf_counter()
         self.times: dict[tuple[str, str], float] = {}
-        self.stage_start: dict[Any, float] = {}
+        self.first_error: dict[tuple[str, str], float] = {}
+        self.last_step: dict[tuple[str, str], int] = {}
         self.parts_done = 0
         self.interrupt_after = os.environ.get(INTERRUPT_ENV)
 
-    # the trainer's events name the part by family and scope id; be lenient about spelling
-    @staticmethod
-    def _part(event: dict[str, Any]) -> tuple[str, str]:
-        family = str(event.get("family", "?"))
-        scope = event.get("scope_id", event.get("scope", event.get("part", "?")))
-        return family, str(scope)
+    def _bar(self, **kwargs: Any) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(file=self.stream, disable=not self.enabled, dynamic_ncols=True, **kwargs)
 
     def write(self, text: str) -> None:
         if not self.enabled:
@@ -406,90 +447,95 @@ class Progress:
         tqdm.write(text, file=self.stream)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        kind = str(event.get("event", event.get("type", "")))
-        part = self._part(event)
+        kind = event.get("event")
+        part = (str(event.get("family", "?")), str(event.get("scope_id", "?")))
         label = f"{part[0]}/{part[1]}"
-        if kind in ("part_start", "part_begin"):
-            self.part_start[part] = time.perf_counter()
-        elif kind in ("stage_start", "stage_begin"):
-            self.stage_start[(part, event.get("stage"))] = time.perf_counter()
-            self.part_start.setdefault(part, time.perf_counter())
-            if event.get("stage") in ("am", "AM", "alternating_minimisation"):
-                self._open_bar(label, event.get("steps") or event.get("total"))
-        elif kind in ("stage_end", "stage_done"):
-            stage = event.get("stage")
-            t0 = self.stage_start.pop((part, stage), None)
-            took = event.get("seconds", event.get("time_s"))
-            if took is None and t0 is not None:
-                took = time.perf_counter() - t0
-            self._close_bar()
-            extra = self._stage_details(event)
-            self.write(f"{label}: {stage} done" + (f" in {_fmt_seconds(float(took))}" if took is not None else "")
-                       + (f" ({extra})" if extra else ""))
-        elif kind in ("step", "am_step"):
-            if self.bar is None:
-                self._open_bar(label, event.get("steps") or event.get("total"))
-            self.bar.update(1)
-            post = {}
-            for key, name in (("rel_error", "err"), ("median_support", "supp"), ("temperature", "T")):
-                value = event.get(key, event.get({"temperature": "T", "median_support": "support"}.get(key, key)))
-                if isinstance(value, (int, float)):
-                    post[name] = f"{value:.4g}"
-            if post:
-                self.bar.set_postfix(post, refresh=False)
-        elif kind in ("part_end", "part_done"):
-            self._close_bar()
-            t0 = self.part_start.pop(part, None)
-            took = event.get("seconds", event.get("time_s"))
-            if took is None and t0 is not None:
-                took = time.perf_counter() - t0
-            if took is not None:
-                self.times[part] = float(took)
-            self.parts_done += 1
-            self._maybe_interrupt(label)
-        elif kind == "message" and event.get("text"):
-            self.write(str(event["text"]))
+        now = time.perf_counter()
+        if kind == "start":
+            self.parts_bar = self._bar(total=event.get("parts"), desc="banks", unit="bank", position=0)
+        elif kind == "part_skip":
+            self.write(f"{label}: kept from the interrupted run (--resume)")
+            self._advance_parts()
+        elif kind == "part_start":
+            self.t_part[part] = self.t_last = now
+            if self.parts_bar is not None:
+                self.parts_bar.set_postfix_str(f"{label}: reading experts, warm start", refresh=True)
+        elif kind == "step":
+            step = int(event.get("step", 0))
+            self.last_step[part] = step
+            err = event.get("rel_error")
+            if step == 0:
+                self.first_error[part] = err
+                took = now - self.t_part.get(part, now)
+                self.write(
+                    f"{label}: experts read, warm start and initial bank in {_fmt_seconds(took)} "
+                    f"(rel. error {err:.4f})"
+                )
+                self.t_last = now
+                self._close_am()
+                self.am_bar = self._bar(
+                    total=self.steps, desc=f"{label} AM", unit="step", position=1, leave=False
+                )
+                if self.parts_bar is not None:
+                    self.parts_bar.set_postfix_str(f"{label}: alternating minimisation", refresh=True)
+            if self.am_bar is not None:
+                post = {"err": err, "supp": event.get("support"), "T": event.get("temperature")}
+                self.am_bar.set_postfix(
+                    {k: f"{v:.4g}" for k, v in post.items() if isinstance(v, (int, float))}, refresh=step == 0
+                )
+                if step > 0:
+                    self.am_bar.update(1)
+            self._maybe_interrupt(label, step)
+        elif kind == "part_end":
+            self._close_am()
+            took = now - self.t_part.get(part, now)
+            self.times[part] = took
+            steps = self.last_step.get(part, 0)
+            err = event.get("rel_error")
+            self.write(
+                f"{label}: {steps} AM steps in {_fmt_seconds(now - self.t_last)}"
+                + (f" (rel. error {err:.4f})" if isinstance(err, float) else "")
+                + f"; bank done in {_fmt_seconds(took)}"
+            )
+            self.t_last = now
+            self._advance_parts()
+            self._maybe_interrupt(label, None)
+        elif kind == "done":
+            self.close()
+            self.write(f"finalize and export: {_fmt_seconds(now - self.t_last)}")
 
-    @staticmethod
-    def _stage_details(event: dict[str, Any]) -> str:
-        bits = []
-        for key in ("method", "explained_variance", "rel_error", "steps_run", "stopped"):
-            value = event.get(key)
-            if value is None:
-                continue
-            bits.append(f"{key.replace('_', ' ')} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
-        return ", ".join(bits)
+    def _advance_parts(self) -> None:
+        self.parts_done += 1
+        if self.parts_bar is not None:
+            self.parts_bar.update(1)
 
-    def _open_bar(self, label: str, total: Any) -> None:
-        self._close_bar()
-        from tqdm import tqdm
-
-        self.bar = tqdm(
-            total=int(total) if total else None,
-            desc=f"{label} AM",
-            unit="step",
-            file=self.stream,
-            disable=not self.enabled,
-            leave=False,
-            dynamic_ncols=True,
-        )
-
-    def _close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+    def _close_am(self) -> None:
+        if self.am_bar is not None:
+            self.am_bar.close()
+            self.am_bar = None
 
     def close(self) -> None:
-        self._close_bar()
+        self._close_am()
+        if self.parts_bar is not None:
+            self.parts_bar.set_postfix_str("", refresh=False)
+            self.parts_bar.close()
+            self.parts_bar = None
 
-    def _maybe_interrupt(self, label: str) -> None:
-        """Test hook: after the N-th finished part (or the part named "family/scope"), stop like Ctrl-C, or
-        like a killed process when the value ends in ":kill"."""
+    def _maybe_interrupt(self, label: str, step: int | None) -> None:
+        """Test hook GLOBE_TEST_INTERRUPT_AFTER: stop like Ctrl-C (or, with a ":kill" suffix, like a killed
+        process) after the N-th finished bank ("2"), after a named bank ("up/layer0"), or inside a bank's AM
+        run right after one of its steps ("up/layer0@2")."""
         spec = self.interrupt_after
         if not spec:
             return
         target, _, how = spec.partition(":")
-        hit = self.parts_done == int(target) if target.isdigit() else target == label
+        target, _, at = target.partition("@")
+        if at:
+            hit = step is not None and target == label and str(step) == at
+        elif step is not None:
+            hit = False
+        else:
+            hit = self.parts_done == int(target) if target.isdigit() else target == label
         if not hit:
             return
         self.close()
@@ -498,7 +544,7 @@ class Progress:
         raise KeyboardInterrupt
 
 
-# --- commands ---------------------------------------------------------------------------------------------------
+# --- commands -----------------------------------------------------------------------------------------------
 
 
 def _existing_dir(path: str, what: str) -> Path:
@@ -555,11 +601,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         idx = device.index or 0
         props = torch.cuda.get_device_properties(idx)
-        desc = f"cuda:{idx} {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+        desc = (
+            f"cuda:{idx} {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+        )
     elif device.type == "cuda":
         raise UsageError("--device: CUDA was asked for but torch sees no CUDA device")
     else:
-        desc = f"{device.type} ({os.cpu_count()} CPU cores; {'CUDA device present' if torch.cuda.is_available() else 'no CUDA device'})"
+        cuda_seen = "CUDA device present" if torch.cuda.is_available() else "no CUDA device"
+        desc = f"{device.type} ({os.cpu_count()} CPU cores; {cuda_seen})"
     print(f"device        {desc}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("note          TRITON_INTERPRET is set: Triton kernels run in the interpreter when forced")
@@ -580,8 +629,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print()
     rows = ops.describe(device)
     print(f"op backends on {device.type} (GLOBE_BACKEND / GLOBE_BACKEND_<OP> force one):")
-    w_op = max(len(r["op"]) for r in rows)
-    w_be = max(len(r["backend"]) for r in rows)
+    w_op = max(len("op"), *(len(r["op"]) for r in rows))
+    w_be = max(len("backend"), *(len(r["backend"]) for r in rows))
     print(f"  {'op':<{w_op}}  {'backend':<{w_be}}  status")
     last = None
     for r in rows:
@@ -604,9 +653,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from globe.artifact import write_json_atomic
+    """Write JSON to a temporary name in the same folder, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
-    write_json_atomic(path, obj)
+
+class _SweepKeyed:
+    """A sink wrapper that puts the sweep key (seeding_method, m, r, target_support, lambda_B, lambda_A) on
+    every record that lacks it (the run summary, for instance), so any record can be grouped by ablation."""
+
+    def __init__(self, sink: Any, sweep: dict[str, Any]):
+        self.sink = sink
+        self.sweep = dict(sweep)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.sink.log({**self.sweep, **record})
+
+    def close(self) -> None:
+        self.sink.close()
 
 
 def _make_sinks(out: Path, config: Any, args: argparse.Namespace, sweep: dict[str, Any]) -> list[Any]:
@@ -616,11 +681,15 @@ def _make_sinks(out: Path, config: Any, args: argparse.Namespace, sweep: dict[st
     if args.wandb:
         try:
             sinks.append(
-                logs.WandbSink(args.wandb_project, {**config.to_dict(), **sweep}, offline_if_no_credentials=True)
+                logs.WandbSink(
+                    args.wandb_project, {**config.to_dict(), **sweep}, offline_if_no_credentials=True
+                )
             )
         except ImportError:
-            raise UsageError("--wandb: the wandb package is not installed (pip install 'globe-moe[wandb]')") from None
-    return sinks
+            raise UsageError(
+                "--wandb: the wandb package is not installed (pip install 'globe-moe[wandb]')"
+            ) from None
+    return [_SweepKeyed(sink, sweep) for sink in sinks]
 
 
 def _close_all(objs: Sequence[Any]) -> None:
@@ -674,7 +743,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().resolve()
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    config = resolve_config(args, args.config_fields)
+    try:
+        config = resolve_config(args, args.config_fields)
+    except ConfigError as exc:
+        raise ConfigError(_name_option(str(exc), args)) from None
+    if args.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UsageError("--wandb: the wandb package is not installed (pip install 'globe-moe[wandb]')")
     from globe.io import open_checkpoint
 
     ckpt = open_checkpoint(checkpoint)
@@ -704,13 +781,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if complete:
         say(f"{out} already holds the finished run with this config; nothing to redo")
         artifact = load_artifact(out)
-        times = {tuple(k.split("/", 1)): v for k, v in ((_read_json(out / SUMMARY_FILE) or {}).get("times", {})).items()}
+        times = {
+            tuple(k.split("/", 1)): v
+            for k, v in ((_read_json(out / SUMMARY_FILE) or {}).get("times", {})).items()
+        }
     else:
         from globe.compress import compress
 
         sweep = config.sweep_key(r, m)
         sinks = _make_sinks(out, config, args, sweep)
-        progress = Progress(enabled=not args.quiet)
+        progress = Progress(steps=config.steps, enabled=not args.quiet)
         t0 = time.perf_counter()
         try:
             artifact = compress(checkpoint, out, config, progress=progress, sinks=sinks, resume=resume)
@@ -725,10 +805,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return _finish_compress(out, checkpoint, ckpt, artifact, times, args)
 
 
-def _finish_compress(out: Path, checkpoint: Path, ckpt: Any, artifact: Any, times: dict, args: argparse.Namespace) -> int:
+def _finish_compress(
+    out: Path, checkpoint: Path, ckpt: Any, artifact: Any, times: dict, args: argparse.Namespace
+) -> int:
     from globe.evaluate import SUMMARY_COLUMNS, format_table, reconstruction_rows
     from globe.report import write_report
 
+    # seconds per bank: the trainer's own fit time (kept across a resume), else what the progress bars saw
+    for name, part in (artifact.metrics.get("parts") or {}).items():
+        family, _, sid = name.partition(".")
+        if isinstance(part, dict) and isinstance(part.get("fit_time_s"), (int, float)):
+            times[(family, sid)] = float(part["fit_time_s"])
     rows = reconstruction_rows(ckpt, artifact, times=times)
     params = artifact.num_parameters()
     summary = {
@@ -777,7 +864,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         modes = ["precomposed", "bank"] if args.mode == "both" else [args.mode]
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-        agreement = output_agreement(checkpoint, artifact, modes=modes, max_tokens=args.max_tokens, dtype=dtype)
+        agreement = output_agreement(
+            checkpoint, artifact, modes=modes, max_tokens=args.max_tokens, dtype=dtype
+        )
         print()
         print(format_agreement(agreement))
         result["outputs"] = agreement
@@ -795,7 +884,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=args.out, keep=args.keep, small=args.small, quiet=args.quiet)
 
 
-# --- parser -----------------------------------------------------------------------------------------------------
+# --- parser -------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -810,17 +899,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("info", help="versions, device, and the kernel backend of every op",
-                       description="Print the versions of python, torch, triton, transformers and globe, the "
-                       "device, the compiled extension's status, and for every op which backend is active "
-                       "and why the others are not.")
+    p = sub.add_parser(
+        "info",
+        help="versions, device, and the kernel backend of every op",
+        description="Print the versions of python, torch, triton, transformers and globe, the "
+        "device, the compiled extension's status, and for every op which backend is active "
+        "and why the others are not.",
+    )
     p.add_argument("--device", help="device to describe (default: cuda when available, else cpu)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("inspect", help="what GloBE would compress in a checkpoint",
-                       description="Architecture, MoE layers, experts per layer, p, d, dtype and the share of "
-                       "the model's parameters held by routed experts, from config.json and the safetensors "
-                       "headers (no weights are read).")
+    p = sub.add_parser(
+        "inspect",
+        help="what GloBE would compress in a checkpoint",
+        description="Architecture, MoE layers, experts per layer, p, d, dtype and the share of "
+        "the model's parameters held by routed experts, from config.json and the safetensors "
+        "headers (no weights are read).",
+    )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="local Hugging Face checkpoint folder")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.set_defaults(func=cmd_inspect)
@@ -831,19 +926,31 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         description="Compress the gate and up projections of every routed expert: extract, normalise, warm "
         "start, initial bank, alternating minimisation, finalize and export, per family.\n\n"
-        "OUT receives the artifact (globe.json + factors.safetensors), the resolved config (config.json, "
+        "OUT receives the artifact (globe.json + factors.safetensors), the resolved config "
+        "(compress_config.json, "
         "reusable with --config), metrics.jsonl (one line per AM step), summary.json, and report.md with "
         "plots/. Options override the keys of --config, which override the defaults.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="local Hugging Face checkpoint folder")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (created if missing)")
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys (the names of the options "
-                   "below with underscores, e.g. lambda_A, T_min, seeding_options)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in OUT (same config and "
-                   "checkpoint): finished families/banks are kept, the rest is fitted again")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file of config keys (the names of the options "
+        "below with underscores, e.g. lambda_A, T_min, seeding_options)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in OUT (same config and "
+        "checkpoint): finished families/banks are kept, the rest is fitted again",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run in OUT")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline mode when no "
-                   "credentials are configured)")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log to Weights & Biases (offline mode when no credentials are configured)",
+    )
     p.add_argument("--wandb-project", default="globe", metavar="P", help="W&B project (default: globe)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
     p.set_defaults(func=cmd_compress, config_fields=_add_config_options(p))
@@ -859,13 +966,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="the checkpoint folder that was compressed")
     p.add_argument("out", metavar="OUT", help="the output folder of 'globe compress'")
-    p.add_argument("--mode", choices=["both", "precomposed", "bank"], default="both",
-                   help="serving mode(s) of the patched model (default: both)")
-    p.add_argument("--max-tokens", type=int, default=256, metavar="N",
-                   help="tokens of the sample text fed to the models (default: 256, capped by the context)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="precision of both models (default: float32)")
-    p.add_argument("--no-model", action="store_true", help="reconstruction errors only; do not load the model")
+    p.add_argument(
+        "--mode",
+        choices=["both", "precomposed", "bank"],
+        default="both",
+        help="serving mode(s) of the patched model (default: both)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="tokens of the sample text fed to the models (default: 256, capped by the context)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="precision of both models (default: float32)",
+    )
+    p.add_argument(
+        "--no-model", action="store_true", help="reconstruction errors only; do not load the model"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -915,7 +1037,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("GLOBE_DEBUG"):
             raise
         print(
-            f"{PROG}: internal error: {type(exc).__name__}: {_one_line(exc)} (set GLOBE_DEBUG=1 for the traceback)",
+            f"{PROG}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(set GLOBE_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -1,4 +1,4 @@
-"""The trainer's configuration: :class:`GlobeConfig`, its validation and its resolution against a bank's shapes.
+"""The trainer's configuration: :class:`GlobeConfig`, its validation and its resolution against shapes.
 
 Sizes are given as presets or integers and resolved once the experts' shapes are known
 (:meth:`GlobeConfig.resolve_r`, :meth:`GlobeConfig.resolve_m`):
@@ -7,12 +7,12 @@ Sizes are given as presets or integers and resolved once the experts' shapes are
   of ``q = min(p, d)``, not of p: W_i (p x d) has rank at most min(p, d), so when p > d (Mixtral: p=14336,
   d=4096) a preset relative to p would ask for a rank W cannot have. For every fine-grained MoE (p <= d) this
   is the same as relative to p. Presets round down and are at least 1; an integer must lie in [1, min(p, d)].
-* ``m`` (atoms in the bank): ``"n/8"``, ``"n/4"``, ``"n/2"`` or an integer, n being the number of experts in the
-  bank's scope (all layers' experts for scope ``global``, one layer's for scope ``layer``). Presets round down
-  and are at least 1; m may not exceed the experts the bank is fitted on.
+* ``m`` (atoms in the bank): ``"n/8"``, ``"n/4"``, ``"n/2"`` or an integer, n being the number of experts in
+  the bank's scope (all layers' experts for scope ``global``, one layer's for scope ``layer``). Presets round
+  down and are at least 1; m may not exceed the experts the bank is fitted on.
 
-Regularisers are relative: ``lambda_A`` multiplies the mean diagonal of the adapter Gram matrices B~_i B~_iᵀ and
-``lambda_B`` the mean diagonal of the dictionary step's system, so their defaults do not depend on the
+Regularisers are relative: ``lambda_A`` multiplies the mean diagonal of the adapter Gram matrices B~_i B~_iᵀ
+and ``lambda_B`` the mean diagonal of the dictionary step's system, so their defaults do not depend on the
 weights' scale.
 """
 
@@ -48,10 +48,14 @@ class GlobeConfig:
     arguments. sparsity: "entmax15", "sparsemax", "entmax_bisect" (with entmax_alpha) or "topk" (with top_k).
     target_support: median number of atoms per expert the temperature controller aims at. eps: epsilon-prune
     threshold on the codes. T0, T_min, T_max, eta: initial temperature, its bounds, the controller gain.
-    lambda_A, lambda_B: relative ridge of the adapter refit and of the dictionary step. steps: AM steps at most;
+    lambda_A, lambda_B: relative ridge of the adapter refit and of the dictionary step. steps: AM steps at
+    most;
     patience: steps without validation improvement (with stable supports) before stopping; val_fraction:
     experts held out of the dictionary step to measure generalisation. weight_aware: fit codes and bank
-    against the true objective sum_i ||W_i - A_i sum_j alpha_ij B_j||^2 instead of the proxies. phi: the
+    against the true objective sum_i ||W_i - A_i sum_j alpha_ij B_j||^2 instead of the proxies.
+    refresh_targets (proxy mode): after the first step, replace the fixed proxies by each expert's
+    least-squares right factor given its current adapter, pinv(A_i) Z_i (fixes the per-expert gauge of the
+    proxies). phi: the
     nonlinearity of the composition (this trainer fits "identity" only). center: subtract the per-family mean.
     seed, device, dtype: reproducibility and placement of the fit.
     """
@@ -78,7 +82,8 @@ class GlobeConfig:
     support_tol: float = 0.02
     val_fraction: float = 0.1
     weight_aware: bool = False
-    pg_iters: int = 5
+    refresh_targets: bool = True
+    pg_iters: int = 100
     kmeans_iters: int = 20
     phi: str = "identity"
     center: bool = True
@@ -154,6 +159,8 @@ class GlobeConfig:
         check_float("val_fraction", 0.0, hi=0.5)
         if not isinstance(self.weight_aware, bool):
             raise bad("weight_aware", "must be a bool")
+        if not isinstance(self.refresh_targets, bool):
+            raise bad("refresh_targets", "must be a bool")
         check_int("pg_iters", 0)
         check_int("kmeans_iters", 0)
         if self.phi not in PHIS:
@@ -177,7 +184,9 @@ class GlobeConfig:
             num, den = R_PRESETS[self.r]
             return max(1, (q * num) // den)
         if self.r > q:
-            raise ConfigError(f"GlobeConfig.r: {self.r} exceeds min(p, d) = {q} for experts of shape {p} x {d}")
+            raise ConfigError(
+                f"GlobeConfig.r: {self.r} exceeds min(p, d) = {q} for experts of shape {p} x {d}"
+            )
         return int(self.r)
 
     def resolve_m(self, n: int) -> int:
@@ -205,7 +214,9 @@ class GlobeConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"GlobeConfig: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"GlobeConfig: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(names))}"
+            )
         try:
             return cls(**data)
         except TypeError as exc:
@@ -221,7 +232,7 @@ class GlobeConfig:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def sweep_key(self, r: int | None = None, m: int | None = None) -> dict[str, Any]:
-        """The ablation key of the design document: (seeding_method, m, r, target_support, lambda_B, lambda_A)."""
+        """The design document's ablation key: (seeding_method, m, r, target_support, lambda_B, lambda_A)."""
         return {
             "seeding_method": self.seeding,
             "m": m if m is not None else self.m,

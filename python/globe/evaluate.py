@@ -1,10 +1,10 @@
-"""How good a compression is: reconstruction errors from the artifact, and the patched model against the original.
+"""Reconstruction errors of the artifact, and the patched model against the original.
 
 `globe eval CHECKPOINT OUT` and the summary at the end of `globe compress` are built from these functions:
 
-* :func:`reconstruction_rows` compares ``artifact.reconstruct(family, layer)`` with the checkpoint's own weights,
-  one row per (family, layer) plus a total row per family and one for everything: relative Frobenius error,
-  parameter ratio (bank-mode parameters over dense gate/up parameters) and support sizes of the codes.
+* :func:`reconstruction_rows` compares ``artifact.reconstruct(family, layer)`` with the checkpoint's own
+  weights, one row per (family, layer) plus a total row per family and one for everything: relative Frobenius
+  error, parameter ratio (bank-mode parameters over dense gate/up parameters) and support sizes of the codes.
 * :func:`output_agreement` runs the original model and the same model patched with the artifact on a short
   English text shipped with the package (``globe/data/sample.txt``) and reports the relative error of the
   logits, top-1 next-token agreement and the perplexity of both models.
@@ -50,7 +50,7 @@ def sample_text() -> str:
         raise ConfigError(f"{SAMPLE_TEXT}: cannot read the sample text shipped with GloBE ({exc})") from None
 
 
-# --- reconstruction ----------------------------------------------------------------------------------------------
+# --- reconstruction -----------------------------------------------------------------------------------------
 
 
 def support_sizes(artifact: Any, family: str, layer: int) -> list[int]:
@@ -60,8 +60,8 @@ def support_sizes(artifact: Any, family: str, layer: int) -> list[int]:
 
 
 def _bank_mode_parameters(artifact: Any, family: str, layer: int) -> float:
-    """Parameters that serve one (family, layer) in bank mode; shared banks and means are split evenly over the
-    layers that share them, so the per-layer numbers add up to the artifact's total."""
+    """Parameters that serve one (family, layer) in bank mode; shared banks and means are split evenly over
+    the layers that share them, so the per-layer numbers add up to the artifact's total."""
     sharing = len(artifact.layers) if artifact.scope == "global" else 1
     bank = artifact.bank(family, layer).numel() / sharing
     mean = artifact.mean(family, layer)
@@ -93,7 +93,8 @@ def reconstruction_rows(
     shape = artifact.shape
     if (ckpt.num_experts, ckpt.expert_dim, ckpt.hidden_size) != (shape["n"], shape["p"], shape["d"]):
         raise ConfigError(
-            f"the artifact was fitted to experts of shape n={shape['n']}, p={shape['p']}, d={shape['d']}, but "
+            f"the artifact was fitted to experts of shape n={shape['n']}, p={shape['p']}, d={shape['d']}, "
+            "but "
             f"{ckpt.path} has n={ckpt.num_experts}, p={ckpt.expert_dim}, d={ckpt.hidden_size}"
         )
     missing = sorted(set(artifact.layers) - set(ckpt.moe_layers))
@@ -162,7 +163,7 @@ def _total_row(family: str, acc: dict[str, Any], time_s: float | None) -> dict[s
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """Plain-text table; ``columns`` are (key, header, format spec), e.g. ("rel_error", "rel. error", ".4f")."""
+    """Plain-text table; ``columns``: (key, header, format spec), e.g. ("rel_error", "rel. error", ".4f")."""
 
     def cell(value: Any, spec: str) -> str:
         if value is None:
@@ -193,11 +194,11 @@ SUMMARY_COLUMNS = (
 )
 
 
-# --- model outputs -----------------------------------------------------------------------------------------------
+# --- model outputs ------------------------------------------------------------------------------------------
 
 
 def byte_tokens(text: str, vocab_size: int) -> list[int]:
-    """The text's UTF-8 bytes as token ids, modulo the vocabulary size (for checkpoints without a tokenizer)."""
+    """The text's UTF-8 bytes as token ids modulo the vocabulary size (checkpoints without a tokenizer)."""
     return [b % vocab_size for b in text.encode("utf-8")]
 
 
@@ -222,7 +223,7 @@ def tokenize(folder: str | Path, text: str, vocab_size: int, max_tokens: int) ->
 
 
 def load_model(folder: str | Path, dtype: Any = None) -> Any:
-    """The checkpoint's ``*ForCausalLM`` in eval mode, float32 by default; CheckpointError if it will not load."""
+    """The checkpoint's ``*ForCausalLM`` in eval mode (float32 by default); CheckpointError if it fails."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -233,7 +234,9 @@ def load_model(folder: str | Path, dtype: Any = None) -> Any:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     except Exception as exc:
-        raise CheckpointError(f"{folder}: transformers cannot load the model ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"{folder}: transformers cannot load the model ({type(exc).__name__}: {exc})"
+        ) from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -304,7 +307,11 @@ def output_agreement(
     for i, mode in enumerate(modes):
         if i > 0 and unpatch is None:
             model = load_model(checkpoint, dtype)
-        inference.patch_model(model, artifact, mode=mode)
+        if unpatch is not None:
+            # keep the original gate/up weights (in CPU memory) so that unpatching restores them exactly
+            inference.patch_model(model, artifact, mode=mode, keep_original=True)
+        else:
+            inference.patch_model(model, artifact, mode=mode)
         try:
             with torch.no_grad():
                 out = model(input_ids=ids).logits.double()

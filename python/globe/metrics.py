@@ -61,7 +61,11 @@ def entropy_stats(alpha: torch.Tensor) -> dict[str, float]:
     H = -torch.xlogy(a, a).sum(1)
     s = (alpha != 0).sum(1).double()
     norm = torch.where(s > 1, H / s.clamp_min(2).log(), torch.zeros_like(H))
-    return {"entropy_mean": float(H.mean()), "entropy_max": float(H.max()), "entropy_norm_mean": float(norm.mean())}
+    return {
+        "entropy_mean": float(H.mean()),
+        "entropy_max": float(H.max()),
+        "entropy_norm_mean": float(norm.mean()),
+    }
 
 
 def gini(x: torch.Tensor) -> float:
@@ -93,7 +97,7 @@ def atom_popularity(alpha: torch.Tensor, keep_vector: bool = False) -> dict[str,
 
 
 def support_overlap(alpha: torch.Tensor) -> float:
-    """Mean Jaccard index |S_i ∩ S_k| / |S_i ∪ S_k| over pairs of distinct experts (a subset when N is large)."""
+    """Mean Jaccard index |S_i ∩ S_k| / |S_i ∪ S_k| over pairs of distinct experts."""
     n = alpha.shape[0]
     if n < 2:
         return 0.0
@@ -152,7 +156,9 @@ def backend_metrics() -> dict[str, int]:
     """ops.backend_counts() flattened to backend.<op>.<backend> = calls."""
     from globe_kernels import ops
 
-    return {f"backend.{op}.{name}": c for op, names in ops.backend_counts().items() for name, c in names.items()}
+    return {
+        f"backend.{op}.{name}": c for op, names in ops.backend_counts().items() for name, c in names.items()
+    }
 
 
 def relative_error(W: torch.Tensor, W_hat: torch.Tensor) -> float:

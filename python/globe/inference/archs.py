@@ -8,10 +8,10 @@ gpt-oss) keeps the routed experts of a layer in one module decorated with ``use_
 * ``is_concatenated``: gate rows first then up rows (most), or gate and up interleaved (gpt-oss);
 * ``has_bias``: ``gate_up_proj_bias`` [n, 2p] and ``down_proj_bias`` [n, d] (gpt-oss), in the same order.
 
-The forward of such a module is looked up in transformers' experts registry by ``config._experts_implementation``,
-which is how the GloBE forward is installed (:mod:`globe.inference.patch`). A module without the decorator
-cannot be served through the registry; :func:`find_experts` refuses it with a clear error instead of guessing
-its calling convention.
+The forward of such a module is looked up in transformers' experts registry by
+``config._experts_implementation``, which is how the GloBE forward is installed (see ``patch.py``).
+A module without the decorator cannot be served through the registry; :func:`find_experts` refuses it with a
+clear error instead of guessing its calling convention.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ class ExpertsSite:
 
 def _uses_registry(module: nn.Module) -> bool:
     # the decorator sets these flags on the instance and wraps forward (functools.wraps keeps __wrapped__)
-    return all(hasattr(module, a) for a in ("is_transposed", "is_concatenated", "has_bias", "has_gate")) and hasattr(
-        type(module).forward, "__wrapped__"
-    )
+    return all(
+        hasattr(module, a) for a in ("is_transposed", "is_concatenated", "has_bias", "has_gate")
+    ) and hasattr(type(module).forward, "__wrapped__")
 
 
 def find_experts(model: nn.Module) -> list[ExpertsSite]:
@@ -64,20 +64,24 @@ def find_experts(model: nn.Module) -> list[ExpertsSite]:
             continue
         if not _uses_registry(module):
             raise ArtifactError(
-                f"{name} ({type(module).__name__}) does not use transformers' experts-implementation registry "
+                f"{name} ({type(module).__name__}) does not use transformers' experts registry "
                 "(use_experts_implementation); GloBE serves the 3-D experts modules of transformers >= 5"
             )
         if not getattr(module, "has_gate", True):
-            raise ArtifactError(f"{name} ({type(module).__name__}) has no gate projection; GloBE needs gate and up")
+            raise ArtifactError(
+                f"{name} ({type(module).__name__}) has no gate projection; GloBE needs gate and up"
+            )
         sites.append(ExpertsSite(name, int(match.group("layer")), module))
     if not sites:
-        raise ArtifactError(f"{type(model).__name__} has no routed-experts modules (no '...layers.L.*.experts')")
+        raise ArtifactError(
+            f"{type(model).__name__} has no routed-experts modules (no '...layers.L.*.experts')"
+        )
     sites.sort(key=lambda s: s.layer)
     return sites
 
 
 def expert_dims(module: nn.Module) -> tuple[int, int, int]:
-    """(n, p, d) of an experts module, read from ``down_proj`` (present whether or not the module is patched)."""
+    """(n, p, d) of an experts module, read from ``down_proj`` (present whether patched or not)."""
     down = module.down_proj
     n = down.shape[0]
     if module.is_transposed:

@@ -1,8 +1,8 @@
-"""Serve a loaded transformers MoE model through its GloBE factors: :func:`patch_model` / :func:`unpatch_model`.
+"""Serve a loaded transformers MoE model through GloBE factors: :func:`patch_model` / :func:`unpatch_model`.
 
 How it plugs in. transformers 5 looks the forward of every routed-experts module up in its experts registry
-(``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``) under ``config._experts_implementation``. This module
-registers one more implementation there, ``"globe"`` (:func:`globe_experts_forward`), and a patch:
+(``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``) under ``config._experts_implementation``. This
+module registers one more implementation there, ``"globe"`` (:func:`globe_experts_forward`), and a patch:
 
 1. checks that the artifact fits the model (layers, experts, p, d, families, architecture) before touching it;
 2. in every routed-experts module, deletes the ``gate_up_proj`` parameter (the dense gate and up weights are
@@ -66,7 +66,9 @@ IMPLEMENTATION = "globe"
 MODES = ("precomposed", "bank")
 FAMILIES = ("gate", "up")
 _PATCH_ATTR = "_globe_patch"  # on the model: what unpatch needs (mode, previous implementations)
-_ORIGINAL_ATTR = "_globe_original"  # on an experts module: the original gate_up_proj when kept, its dtype/device
+_ORIGINAL_ATTR = (
+    "_globe_original"  # on an experts module: the original gate_up_proj when kept, its dtype/device
+)
 
 
 class GlobeFactors(nn.Module):
@@ -130,14 +132,15 @@ class GlobeFactors(nn.Module):
         if self.mode == "precomposed":
             composed = getattr(self, f"composed_{family}").float()
         else:
-            composed = ops.compose(getattr(self, f"bank_{family}"), self.codes(family), phi=self.phi,
-                                   out_dtype=torch.float32)
+            composed = ops.compose(
+                getattr(self, f"bank_{family}"), self.codes(family), phi=self.phi, out_dtype=torch.float32
+            )
         W = getattr(self, f"adapter_{family}").float() @ composed
         mean = getattr(self, f"mean_{family}")
         return W + mean.float() if mean is not None else W
 
 
-# --- the experts forward registered in transformers ----------------------------------------------------------
+# --- the experts forward registered in transformers ---------------------------------------------------------
 
 
 def _route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,7 +191,9 @@ def globe_experts_forward(
     if uses_fused_silu(self):
         h = ops.adapter_gemm(*args, **operands, shift_gate=shifts["gate"], shift_up=shifts["up"], act="silu")
     else:
-        gate, up = ops.adapter_gemm(*args, **operands, shift_gate=shifts["gate"], shift_up=shifts["up"], act=None)
+        gate, up = ops.adapter_gemm(
+            *args, **operands, shift_gate=shifts["gate"], shift_up=shifts["up"], act=None
+        )
         h = self._apply_gate(join_activations(self, gate, up))
 
     down_bias = self.down_proj_bias[sorted_ids] if self.has_bias else None
@@ -211,7 +216,7 @@ def register_implementation() -> None:
         ExpertsInterface.register(IMPLEMENTATION, globe_experts_forward)
 
 
-# --- checks ---------------------------------------------------------------------------------------------------
+# --- checks -------------------------------------------------------------------------------------------------
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -240,14 +245,20 @@ def check_compatible(model: nn.Module, artifact: Artifact, sites: list[ExpertsSi
     s = artifact.shape
     for site in sites:
         n, p, d = expert_dims(site.module)
-        for what, got, want in (("experts", n, s["n"]), ("expert dim p", p, s["p"]), ("hidden size d", d, s["d"])):
+        for what, got, want in (
+            ("experts", n, s["n"]),
+            ("expert dim p", p, s["p"]),
+            ("hidden size d", d, s["d"]),
+        ):
             if got != want:
                 raise ArtifactError(f"{site.name}: model has {what} = {got}, the artifact has {want}")
         fused = getattr(site.module, "gate_up_proj", None)
         if isinstance(fused, torch.Tensor):
             gate, _ = split_gate_up(site.module, fused)
             if tuple(gate.shape) != (n, p, d):
-                raise ArtifactError(f"{site.name}: gate_up_proj {tuple(fused.shape)} does not hold [n, p, d] gates")
+                raise ArtifactError(
+                    f"{site.name}: gate_up_proj {tuple(fused.shape)} does not hold [n, p, d] gates"
+                )
         for f in FAMILIES:
             A = artifact.adapter(f, site.layer)
             if tuple(A.shape[:2]) != (n, p) or artifact.bank(f, site.layer).shape[2] != d:
@@ -258,7 +269,7 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, _PATCH_ATTR, None) is not None
 
 
-# --- patch / unpatch --------------------------------------------------------------------------------------------
+# --- patch / unpatch ----------------------------------------------------------------------------------------
 
 
 def _shared(cache: dict, key: tuple, make) -> nn.Parameter | None:
@@ -283,15 +294,23 @@ def _build_factors(
             c = SparseCodes(c.indices.to(device), c.values.to(device))
             composed[f] = ops.compose(bank, c, phi=artifact.phi, out_dtype=dtype).contiguous()
         else:
-            banks[f] = _shared(cache, ("bank", f, sid), lambda f=f: _cast(artifact.bank(f, layer), device, dtype))
+            banks[f] = _shared(
+                cache, ("bank", f, sid), lambda f=f: _cast(artifact.bank(f, layer), device, dtype)
+            )
             c = artifact.codes(f, layer)
             codes[f] = SparseCodes(
                 c.indices.to(device=device, dtype=torch.int32).contiguous(),
                 c.values.to(device=device, dtype=torch.float32).contiguous(),
             )
     return GlobeFactors(
-        mode, artifact.phi, layer, adapters,
-        composed=composed or None, banks=banks or None, codes=codes or None, means=means,
+        mode,
+        artifact.phi,
+        layer,
+        adapters,
+        composed=composed or None,
+        banks=banks or None,
+        codes=codes or None,
+        means=means,
     )
 
 
@@ -335,7 +354,11 @@ def patch_model(
             kept = original if original.device.type == "cpu" else nn.Parameter(original.detach().cpu())
             kept.requires_grad_(original.requires_grad)
         grad = original.requires_grad if original is not None else False
-        setattr(module, _ORIGINAL_ATTR, {"gate_up_proj": kept, "dtype": model_dtype, "device": device, "grad": grad})
+        setattr(
+            module,
+            _ORIGINAL_ATTR,
+            {"gate_up_proj": kept, "dtype": model_dtype, "device": device, "grad": grad},
+        )
         del original
         module.globe = factors
 
@@ -343,13 +366,15 @@ def patch_model(
     for config in {id(s.module.config): s.module.config for s in sites}.values():
         previous.append((config, config._experts_implementation))
         config._experts_implementation_internal = IMPLEMENTATION
-    setattr(model, _PATCH_ATTR, {"mode": mode, "previous": previous, "scope": artifact.scope, "phi": artifact.phi})
+    setattr(
+        model, _PATCH_ATTR, {"mode": mode, "previous": previous, "scope": artifact.scope, "phi": artifact.phi}
+    )
     return model
 
 
 @torch.no_grad()
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch_model`: restore each experts module's ``gate_up_proj`` and the experts implementation.
+    """Undo :func:`patch_model`: restore each experts module's ``gate_up_proj`` and experts implementation.
 
     The restored weights are the originals when the patch kept them (``keep_original=True``), else the dense
     reconstruction of the factors the module held (the original weights were freed). Returns ``model``."""
@@ -368,7 +393,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if kept is not None:
             weight = kept if kept.device == device else nn.Parameter(kept.detach().to(device))
         else:
-            weight = join_gate_up(module, factors.dense("gate"), factors.dense("up")).to(device=device, dtype=dtype)
+            weight = join_gate_up(module, factors.dense("gate"), factors.dense("up")).to(
+                device=device, dtype=dtype
+            )
             weight = nn.Parameter(weight)
         weight.requires_grad_(info.get("grad", False))
         del module.globe
@@ -392,6 +419,8 @@ def apply_reconstruction(model: nn.Module, artifact: Artifact) -> nn.Module:
     check_compatible(model, artifact, sites)
     for site in sites:
         fused = site.module.gate_up_proj
-        W = join_gate_up(site.module, artifact.reconstruct("gate", site.layer), artifact.reconstruct("up", site.layer))
+        W = join_gate_up(
+            site.module, artifact.reconstruct("gate", site.layer), artifact.reconstruct("up", site.layer)
+        )
         fused.copy_(W.to(device=fused.device, dtype=fused.dtype))
     return model

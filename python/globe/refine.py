@@ -1,0 +1,676 @@
+"""Nonlinear refinement: optimise the true objective through φ after the linear AM.
+
+    F(A, B, α) = Σ_i ||Z_i - A_i φ(Σ_j α_ij B_j)||²        φ ∈ {identity, tanh, silu}
+
+over the adapters A [N, p, r], the bank B [m, r, d] and the codes α [N, m] (rows on the simplex with at most
+``kmax`` non-zeros), warm-started from the closed-form AM (which fits φ = identity).
+
+What Z is: the targets exactly as passed. With ``mean=None`` they are used as they are (pass the z-scored
+experts of the trainer, or raw weights); with ``mean`` [p, d] the objective is
+Σ_i ||W_i - M - A_i B~_i||², i.e. the raw weights with the stored mean term, and ``fit_mean=True`` also
+updates M in closed form (M = mean_i (W_i - A_i B~_i)). :func:`refine_fit` does this for a trainer's
+FitResult: it refines in the original scale (adapters with the normalisation scale folded, the mean as the
+extra term), the error the artifact reproduces.
+
+Methods (``method``):
+
+* ``"gn"``: block-coordinate second order. Each iteration (a) codes: per expert a Gauss-Newton model of F_i in
+  α_i restricted to a candidate set (the support plus the atoms with the most negative gradient when
+  ``support_reselect``), a Levenberg-Marquardt-damped simplex-constrained QP solved by accelerated projected
+  gradient, top-``kmax`` sparse projection, the QP again on the kept support; accepted per expert only if
+  F_i decreases (else its damping grows); (b) bank: Levenberg-Marquardt on B with the Gauss-Newton normal
+  equations (JᵀJ + λ D) δ = -Jᵀr solved by conjugate gradient from hand-written JVP/VJP products (one
+  ``ops.compose`` per product); accepted only if F decreases, else λ grows and the step is retried;
+  (c) adapters: the exact ridge least-squares solve given B~ (``ops.cholesky_solve_batched``), accepted per
+  expert only if F_i does not increase; (d) the mean, when fitted. F never increases. For φ = identity the
+  bank step is Newton's step on a quadratic, so (b) and (c) are the exact block minimisers.
+* ``"adam"``: Adam on (A, B, α) jointly through autograd (``ops.compose`` with the autograd formula
+  registered by :func:`register_compose_autograd`), learning rates relative to each tensor's RMS, α projected
+  back onto the ``kmax``-sparse simplex after every step (top-k then Euclidean simplex projection; atoms
+  re-enter when their gradient pushes them into the top k, unless ``support_reselect=False`` freezes the
+  support).
+
+For φ ≠ identity the scale of the atoms matters (unit-norm atoms make φ nearly linear). Before the first
+iteration the bank is rescaled by the gain (the unscaled bank with its adapters as given, or a few gains that
+set the RMS of the mixture Σ_j α_ij B_j to 0.05 ... 2) whose exact adapter refit gives the lowest training
+objective; codes stay on the simplex.
+
+Validation and early stopping: with ``val_W`` [Nv, p, d] (experts held out of the fit), every ``eval_every``
+iterations their codes and adapters are fitted with the bank frozen (warm-started from the previous
+evaluation: a few code / adapter steps of the "gn" kind, which only lower their own objective), and the
+relative error of those held-out experts is the validation error. Without ``val_W`` the training error plays
+that role. The best state by validation error is kept (the starting state included), so the validation error
+returned is never above the one the refinement starts from; the loop stops after ``patience`` evaluations
+without a relative improvement of ``min_improvement``, or after ``steps`` iterations, or ``time_limit``
+seconds.
+
+Everything runs on the device of W (CUDA included); the bank step and the products with codes go through
+``ops.compose``; the codes step materialises at most ``chunk`` x (candidates) atoms of r x d at a time, never
+experts x m x r x d.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from globe.bank import project_simplex
+from globe_kernels import ops
+from globe_kernels.reference import SparseCodes, apply_phi, check_phi, to_dense_codes
+
+__all__ = [
+    "RefineResult",
+    "refine",
+    "refine_fit",
+    "fit_frozen",
+    "phi_grad",
+    "objective",
+    "sparse_simplex_projection",
+    "register_compose_autograd",
+    "METHODS",
+]
+
+METHODS = ("gn", "adam")
+# initial bank rescale for a nonlinear φ: None keeps the bank; a number is the target RMS of the mixture
+_GAINS = (None, 0.05, 0.25, 0.5, 1.0, 2.0)
+
+
+# --- φ and the differentiable compose ----------------------------------------------------------------------
+
+
+def phi_grad(u: torch.Tensor, phi: str) -> torch.Tensor:
+    """φ'(u) elementwise."""
+    phi = check_phi(phi)
+    if phi == "tanh":
+        return 1 - torch.tanh(u).pow(2)
+    if phi == "silu":
+        s = torch.sigmoid(u)
+        return s * (1 + u * (1 - s))
+    return torch.ones_like(u)
+
+
+_REGISTERED = False
+
+
+def _compose_setup(ctx, inputs, output):
+    bank, alpha, indices, values, phi, out_dtype = inputs
+    ctx.phi = phi
+    ctx.sparse = alpha is None
+    ctx.save_for_backward(bank, values if alpha is None else alpha, indices)
+
+
+def _compose_backward(ctx, grad):
+    bank, codes, indices = ctx.saved_tensors
+    m, r, d = bank.shape
+    acc = torch.float64 if bank.dtype == torch.float64 else torch.float32
+    dense = to_dense_codes(SparseCodes(indices, codes), m) if ctx.sparse else codes
+    Bf = bank.reshape(m, r * d).to(acc)
+    dense = dense.to(acc)
+    U = dense @ Bf
+    gU = grad.reshape(U.shape).to(acc) * phi_grad(U, ctx.phi)
+    g_bank = (dense.T @ gU).reshape(m, r, d).to(bank.dtype) if ctx.needs_input_grad[0] else None
+    g_alpha = g_values = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+        g_dense = gU @ Bf.T
+        if ctx.sparse:
+            idx = indices.long()
+            g_values = g_dense.gather(1, idx.clamp_min(0)).masked_fill(idx < 0, 0).to(codes.dtype)
+        else:
+            g_alpha = g_dense.to(codes.dtype)
+    return g_bank, g_alpha, None, g_values, None, None
+
+
+def register_compose_autograd() -> None:
+    """Give the ``globe::compose`` custom op an autograd formula (idempotent; runs on import of this module).
+
+    out = φ(α B) with U = α B recomputed in the backward: dL/dB = αᵀ (g ⊙ φ'(U)), dL/dα = (g ⊙ φ'(U)) Bᵀ, and
+    for sparse codes dL/dvalues[i, s] = <g_i ⊙ φ'(U_i), B_indices[i, s]> (0 on padding slots). Gradients are
+    accumulated like the forward (float32, float64 stays float64) and returned in each input's dtype.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    torch.library.register_autograd("globe::compose", _compose_backward, setup_context=_compose_setup)
+    _REGISTERED = True
+
+
+register_compose_autograd()
+
+
+# --- objective pieces --------------------------------------------------------------------------------------
+
+
+def _mix(bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """U = Σ_j α_ij B_j [N, r, d] in the bank's dtype, through ops.compose."""
+    return ops.compose(bank, alpha, "identity", bank.dtype)
+
+
+def _per_expert(Z: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+    """F_i = ||Z_i - A_i B~_i||² [N] in float64."""
+    return (Z - A @ Bt).double().pow(2).sum(dim=(1, 2))
+
+
+def objective(Z: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor,
+              phi: str) -> torch.Tensor:
+    """Σ_i ||Z_i - A_i φ(Σ_j α_ij B_j)||², differentiable in A, bank and alpha (through ``ops.compose``)."""
+    return (Z - A @ ops.compose(bank, alpha, phi)).pow(2).sum()
+
+
+def sparse_simplex_projection(v: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Nearest point of {x >= 0, Σ x = 1, at most k non-zeros} to each row of v (restricted to mask).
+
+    The exact projection onto the k-sparse simplex: keep the k largest entries, project them onto the simplex.
+    """
+    if mask is not None:
+        v = v.masked_fill(~mask, float("-inf"))
+    k = min(k, v.shape[1])
+    idx = v.topk(k, dim=1).indices
+    keep = torch.zeros_like(v, dtype=torch.bool).scatter_(1, idx, True)
+    if mask is not None:
+        keep &= mask
+    return project_simplex(torch.where(keep, v, torch.zeros_like(v)), keep)
+
+
+def _adapter_solve(Z: torch.Tensor, Bt: torch.Tensor, lam: float) -> torch.Tensor:
+    """A_i = Z_i B~_iᵀ (B~_i B~_iᵀ + ridge I)^-1, ridge = lam * mean trace(G_i) / r."""
+    G = Bt @ Bt.transpose(1, 2)
+    r = G.shape[1]
+    ridge = float(lam) * float(G.diagonal(dim1=1, dim2=2).sum(1).mean()) / r
+    ridge = max(ridge, float(torch.finfo(G.dtype).tiny))
+    A, _ = ops.cholesky_solve_batched(G, Z @ Bt.transpose(1, 2), ridge)
+    return A
+
+
+@dataclass
+class _State:
+    A: torch.Tensor
+    bank: torch.Tensor
+    alpha: torch.Tensor
+    mean: torch.Tensor | None
+
+    def clone(self) -> _State:
+        return _State(self.A.clone(), self.bank.clone(), self.alpha.clone(),
+                      None if self.mean is None else self.mean.clone())
+
+
+# --- Gauss-Newton blocks -----------------------------------------------------------------------------------
+
+
+def _adapter_step(Z, st: _State, phi: str, lam_A: float, F_old: torch.Tensor) -> torch.Tensor:
+    Bt = apply_phi(_mix(st.bank, st.alpha), phi)
+    A_new = _adapter_solve(Z, Bt, lam_A)
+    F_new = _per_expert(Z, A_new, Bt)
+    keep = F_new <= F_old
+    st.A = torch.where(keep[:, None, None], A_new, st.A)
+    return torch.where(keep, F_new, F_old)
+
+
+def _qp_simplex(g: torch.Tensor, H: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor,
+                iters: int) -> torch.Tensor:
+    """min_x gᵀ(x - x0) + ½ (x - x0)ᵀ H (x - x0) on the simplex of the masked coordinates, per row (FISTA)."""
+    L = torch.linalg.eigvalsh(H.double())[:, -1].clamp_min(1e-30).to(H.dtype)
+    x = project_simplex(x0, mask)
+    y, t = x, 1.0
+    for _ in range(iters):
+        grad = g + (H @ (y - x0).unsqueeze(-1)).squeeze(-1)
+        x_new = project_simplex(y - grad / L[:, None], mask)
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        y = x_new + ((t - 1) / t_new) * (x_new - x)
+        x, t = x_new, t_new
+    return x
+
+
+def _codes_step(Z, st: _State, phi: str, kmax: int, extra: int, damp: torch.Tensor, F_old: torch.Tensor,
+                chunk_elems: int, qp_iters: int, force: torch.Tensor | None = None) -> torch.Tensor:
+    """One damped Gauss-Newton step on the codes of every expert (see the module docstring); updates st.alpha
+    and damp in place, returns the new F_i."""
+    N, m = st.alpha.shape
+    _, r, d = st.bank.shape
+    U = _mix(st.bank, st.alpha)
+    Bt, dphi = apply_phi(U, phi), phi_grad(U, phi)
+    GA = st.A.transpose(1, 2) @ st.A
+    G = 2 * (GA @ Bt - st.A.transpose(1, 2) @ Z)  # dF/dB~
+    gU = dphi * G
+    del G
+    Bf = st.bank.reshape(m, r * d)
+    grad = gU.reshape(N, -1) @ Bf.T  # [N, m]
+    support = st.alpha > 0
+    c = min(m, max(kmax + extra, int(support.sum(1).max())))
+    prio = torch.where(support, torch.full_like(grad, float("-inf")), grad)
+    cand = (-prio).topk(c, dim=1).indices  # the support first, then the most negative gradients
+    cmask = torch.ones_like(cand, dtype=torch.bool)
+    if extra == 0:
+        cmask = support.gather(1, cand)
+    a_c = st.alpha.gather(1, cand)
+    g_c = grad.gather(1, cand)
+    H = torch.empty(N, c, c, dtype=Z.dtype, device=Z.device)
+    step = max(1, chunk_elems // max(1, c * r * d))
+    for lo in range(0, N, step):
+        hi = min(N, lo + step)
+        D = dphi[lo:hi, None] * st.bank[cand[lo:hi]]  # [n, c, r, d]
+        GD = GA[lo:hi, None] @ D
+        H[lo:hi] = 2 * D.reshape(hi - lo, c, -1) @ GD.reshape(hi - lo, c, -1).transpose(1, 2)
+        del D, GD
+    diag = H.diagonal(dim1=1, dim2=2)
+    Hd = H + torch.diag_embed(damp[:, None] * diag.clamp_min(0) + 1e-12 * diag.abs().mean(1, keepdim=True))
+    x = _qp_simplex(g_c, Hd, a_c, cmask, qp_iters)
+    k = min(kmax, c)
+    keep = torch.zeros_like(cmask).scatter_(1, x.topk(k, dim=1).indices, True) & cmask & (x > 0)
+    keep |= torch.zeros_like(cmask).scatter_(1, x.argmax(1, keepdim=True), True)  # never empty
+    x = _qp_simplex(g_c, Hd, torch.where(keep, x, torch.zeros_like(x)), keep, qp_iters // 2 + 1)
+    new_alpha = torch.zeros_like(st.alpha).scatter_(1, cand, x)
+    F_new = _per_expert(Z, st.A, apply_phi(_mix(st.bank, new_alpha), phi))
+    ok = F_new < F_old
+    if force is not None:
+        ok |= force
+    st.alpha = torch.where(ok[:, None], new_alpha, st.alpha)
+    damp.copy_(torch.where(ok, (damp / 3).clamp_min(1e-6), (damp * 10).clamp_max(1e6)))
+    return torch.where(ok, F_new, F_old)
+
+
+def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
+        tol: float) -> torch.Tensor:
+    x = torch.zeros_like(b)
+    res = b.clone()
+    p = res.clone()
+    rs = float(res.double().pow(2).sum())
+    stop = tol * tol * rs
+    for _ in range(iters):
+        if rs <= stop or rs == 0:
+            break
+        Ap = matvec(p)
+        pAp = float((p.double() * Ap.double()).sum())
+        if pAp <= 0:
+            break
+        a = rs / pAp
+        x = x + a * p
+        res = res - a * Ap
+        rs_new = float(res.double().pow(2).sum())
+        p = res + (rs_new / rs) * p
+        rs = rs_new
+    return x
+
+
+def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: str):
+    """Gradient of F in the bank, the Gauss-Newton product V -> JᵀJ V and a diagonal scale D [m].
+
+    With U_i = Σ_j w_ij B_j, B~_i = φ(U_i), GA_i = A_iᵀ A_i: dF/dB_j = Σ_i w_ij φ'(U_i) ⊙ 2(GA_i B~_i - A_iᵀ
+    Z_i); JᵀJ V = 2 Σ_i w_ij φ'(U_i) ⊙ GA_i (φ'(U_i) ⊙ Σ_k w_ik V_k) (the JVP is one ``ops.compose``). D_j =
+    2 Σ_i w_ij² tr(GA_i)/r mean(φ'²), a cheap stand-in for the diagonal of JᵀJ, scales the damping.
+    """
+    N = w.shape[0]
+    U = _mix(bank, w)
+    Bt, dphi = apply_phi(U, phi), phi_grad(U, phi)
+    GA = A.transpose(1, 2) @ A
+    gU = dphi * (2 * (GA @ Bt - A.transpose(1, 2) @ Z))
+    del Bt, U
+    grad = (w.T @ gU.reshape(N, -1)).reshape(bank.shape)
+    del gU
+    trGA = GA.diagonal(dim1=1, dim2=2).sum(1) / GA.shape[1]
+    D = 2 * ((w.pow(2) * trGA[:, None]).sum(0) * float(dphi.pow(2).mean())).clamp_min(1e-30)
+
+    def gn(V: torch.Tensor) -> torch.Tensor:
+        dB = dphi * _mix(V, w)
+        return 2 * (w.T @ (dphi * (GA @ dB)).reshape(N, -1)).reshape(V.shape)
+
+    return grad, gn, D
+
+
+def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, cg_iters: int,
+               tries: int = 4) -> torch.Tensor:
+    """Levenberg-Marquardt step on the bank (Gauss-Newton normal equations by CG); lam[0] is the damping."""
+    grad, gn, D = _bank_system(Z, st.A, st.bank, st.alpha, phi)
+    F_tot = float(F_old.sum())
+    for _ in range(tries):
+        damp = lam[0] * D[:, None, None]
+        delta = _cg(lambda V, damp=damp: gn(V) + damp * V, -grad, cg_iters, 1e-4)
+        bank_new = st.bank + delta
+        F_new = _per_expert(Z, st.A, apply_phi(_mix(bank_new, st.alpha), phi))
+        if float(F_new.sum()) < F_tot:
+            st.bank = bank_new
+            lam[0] = max(lam[0] / 3, 1e-8)
+            return F_new
+        lam[0] = min(lam[0] * 8, 1e8)
+    return F_old
+
+
+def _mean_step(W, st: _State, phi: str) -> None:
+    Bt = apply_phi(_mix(st.bank, st.alpha), phi)
+    st.mean = (W - st.A @ Bt).mean(0)
+
+
+# --- validation: held-out experts fitted with the bank frozen -----------------------------------------------
+
+
+def fit_frozen(Z: torch.Tensor, bank: torch.Tensor, phi: str, kmax: int, *, iters: int = 3,
+               alpha: torch.Tensor | None = None, A: torch.Tensor | None = None, lambda_A: float = 1e-6,
+               qp_iters: int = 60,
+               chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes and adapters of experts Z [N, p, d] for a frozen bank: (alpha, A, F_i [N] float64).
+
+    Without a warm start the codes start uniform over all m atoms; the first code step then sparsifies every
+    row to kmax atoms (forced) and later steps are accepted only where they lower F_i. Each iteration: adapter
+    solve, code step.
+    """
+    N, m = Z.shape[0], bank.shape[0]
+    if alpha is None:
+        alpha = torch.full((N, m), 1.0 / m, dtype=Z.dtype, device=Z.device)
+    if A is None:
+        A0 = torch.zeros(N, Z.shape[1], bank.shape[1], dtype=Z.dtype, device=Z.device)
+    st = _State(A0 if A is None else A, bank, alpha.clone(), None)
+    Fi = _per_expert(Z, st.A, apply_phi(_mix(bank, st.alpha), phi))
+    damp = torch.full((N,), 1e-3, dtype=Z.dtype, device=Z.device)
+    for _ in range(max(1, iters)):
+        Fi = _adapter_step(Z, st, phi, lambda_A, Fi if A is not None else torch.full_like(Fi, float("inf")))
+        A = st.A
+        force = (st.alpha > 0).sum(1) > kmax
+        Fi = _codes_step(Z, st, phi, kmax, kmax, damp, Fi, chunk_elems, qp_iters, force=force)
+    Fi = _adapter_step(Z, st, phi, lambda_A, Fi)
+    return st.alpha, st.A, Fi
+
+
+# --- the refinement ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RefineResult:
+    """The refined factors (best state by validation error) and how the run went.
+
+    bank [m, r, d] (not unit-norm: for φ ≠ identity the atoms' scale is part of the model); alpha [N, m] rows
+    on the simplex with at most kmax non-zeros; A [N, p, r]; mean [p, d] or None (as passed, or refitted);
+    val_alpha / val_A: the held-out experts' codes and adapters for the returned bank. history: one record per
+    evaluation {step, time_s, rel_error (training), rel_error_val}. rel errors are relative to the data passed
+    (W, mean included when a mean is given).
+    """
+
+    bank: torch.Tensor
+    alpha: torch.Tensor
+    A: torch.Tensor
+    phi: str
+    method: str
+    mean: torch.Tensor | None = None
+    gain: float = 1.0
+    val_alpha: torch.Tensor | None = None
+    val_A: torch.Tensor | None = None
+    rel_error_start: float = float("nan")
+    rel_error: float = float("nan")
+    rel_error_val_start: float = float("nan")
+    rel_error_val: float = float("nan")
+    best_step: int = 0
+    steps_run: int = 0
+    stopped_early: bool = False
+    time_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def codes(self) -> SparseCodes:
+        return ops.to_sparse_codes(self.alpha)
+
+    def reconstruct(self) -> torch.Tensor:
+        W = self.A @ ops.compose(self.bank, self.alpha, self.phi)
+        return W if self.mean is None else W + self.mean
+
+    def summary(self) -> dict[str, Any]:
+        keys = ("phi", "method", "gain", "rel_error_start", "rel_error", "rel_error_val_start",
+                "rel_error_val", "best_step", "steps_run", "stopped_early", "time_s")
+        return {k: getattr(self, k) for k in keys}
+
+
+def refine(
+    W: torch.Tensor,
+    bank: torch.Tensor,
+    alpha: torch.Tensor | SparseCodes,
+    A: torch.Tensor,
+    phi: str = "identity",
+    *,
+    steps: int = 50,
+    method: str = "gn",
+    mean: torch.Tensor | None = None,
+    fit_mean: bool = False,
+    val_W: torch.Tensor | None = None,
+    val_alpha: torch.Tensor | None = None,
+    val_A: torch.Tensor | None = None,
+    kmax: int | None = None,
+    support_reselect: bool = True,
+    rescale: bool = True,
+    lambda_A: float = 1e-6,
+    lr: float = 1e-2,
+    cg_iters: int = 20,
+    qp_iters: int = 60,
+    eval_every: int | None = None,
+    val_iters: int = 2,
+    patience: int = 5,
+    min_improvement: float = 1e-4,
+    time_limit: float | None = None,
+    chunk_elems: int = 1 << 24,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+) -> RefineResult:
+    """Refine (bank, alpha, A) on Σ_i ||W_i - M - A_i φ(Σ_j α_ij B_j)||² (see the module docstring).
+
+    W [N, p, d] the experts fitted (z-scored or raw; M = mean, zero when None); bank [m, r, d]; alpha [N, m]
+    dense or SparseCodes (rows on the simplex); A [N, p, r]. kmax: most atoms per expert (default: the
+    largest support of alpha). eval_every: iterations between validation checks (default 1 for "gn", 25 for
+    "adam"); patience counts checks. generator is unused by "gn" (deterministic) and kept for API symmetry.
+    """
+    phi = check_phi(phi)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if W.dim() != 3 or bank.dim() != 3 or A.dim() != 3:
+        raise ValueError("W [N, p, d], bank [m, r, d] and A [N, p, r] must be 3-d")
+    t_start = time.perf_counter()
+    dtype, device = W.dtype, W.device
+    m = bank.shape[0]
+    if isinstance(alpha, SparseCodes):
+        alpha = to_dense_codes(alpha, m)
+    alpha = alpha.to(device=device, dtype=dtype)
+    if kmax is None:
+        kmax = max(1, int((alpha > 0).sum(1).max()))
+    kmax = min(kmax, m)
+    alpha = sparse_simplex_projection(alpha, kmax)
+    st = _State(A.to(device=device, dtype=dtype).clone(), bank.to(device=device, dtype=dtype).clone(), alpha,
+                None if mean is None else mean.to(device=device, dtype=dtype).clone())
+    eval_every = eval_every or (1 if method == "gn" else 25)
+
+    def target(Wx: torch.Tensor) -> torch.Tensor:
+        return Wx if st.mean is None else Wx - st.mean
+
+    w_energy = float(W.double().pow(2).sum())
+    v_energy = float(val_W.double().pow(2).sum()) if val_W is not None else 0.0
+
+    def rel(Fsum: float, energy: float) -> float:
+        return math.sqrt(max(Fsum, 0.0) / max(energy, 1e-300))
+
+    def train_F(s: _State | None = None) -> torch.Tensor:
+        s = st if s is None else s
+        Zt = W if s.mean is None else W - s.mean
+        return _per_expert(Zt, s.A, apply_phi(_mix(s.bank, s.alpha), phi))
+
+    # initial gain of the bank for a nonlinear φ (the unscaled bank is a candidate, so F cannot go up)
+    gain = 1.0
+    if rescale and phi != "identity":
+        u_rms = float(_mix(st.bank, st.alpha).double().pow(2).mean().sqrt())
+        best_F, best_A = float(train_F().sum()), st.A
+        Zt = target(W)
+        for g in _GAINS:
+            c = 1.0 if g is None else g / max(u_rms, 1e-30)
+            Bt = apply_phi(_mix(st.bank * c, st.alpha), phi)
+            A_c = _adapter_solve(Zt, Bt, lambda_A)
+            Fc = float(_per_expert(Zt, A_c, Bt).sum())
+            if Fc < best_F:
+                best_F, best_A, gain = Fc, A_c, c
+        st.bank = st.bank * gain
+        st.A = best_A
+
+    vstate: dict[str, torch.Tensor | None] = {
+        "alpha": None if val_alpha is None else sparse_simplex_projection(val_alpha.to(W), kmax),
+        "A": None if val_A is None else val_A.to(W),
+    }
+    if vstate["alpha"] is not None and gain != 1.0 and vstate["A"] is not None:
+        vstate["A"] = None  # adapters of the unscaled bank; refit
+
+    def validate(s: _State | None = None) -> float:
+        s = st if s is None else s
+        if val_W is None:
+            return float("nan")
+        Zv = val_W if s.mean is None else val_W - s.mean
+        a, Av, Fv = fit_frozen(Zv, s.bank, phi, kmax, iters=val_iters, alpha=vstate["alpha"],
+                               A=vstate["A"], lambda_A=lambda_A, qp_iters=qp_iters, chunk_elems=chunk_elems)
+        vstate["alpha"], vstate["A"] = a, Av
+        return rel(float(Fv.sum()), v_energy)
+
+    Fi = train_F()
+    history: list[dict[str, Any]] = []
+    err0 = rel(float(Fi.sum()), w_energy)
+    val0 = validate()
+    crit = (lambda rec: rec["rel_error_val"]) if val_W is not None else (lambda rec: rec["rel_error"])
+    rec0 = {"step": 0, "time_s": time.perf_counter() - t_start, "rel_error": err0, "rel_error_val": val0}
+    history.append(rec0)
+    if callback is not None:
+        callback(rec0)
+    best = (crit(rec0), 0, st.clone(), dict(vstate))
+    stale = 0
+    stopped = False
+
+    # method state
+    damp_c = torch.full((W.shape[0],), 1e-3, dtype=dtype, device=device)
+    lam_b = [1e-3]
+    opt = None
+    if method == "adam":
+        params = [st.A.requires_grad_(True), st.bank.requires_grad_(True), st.alpha.requires_grad_(True)]
+        rms = [float(t.detach().double().pow(2).mean().sqrt()) or 1.0 for t in params]
+        opt = torch.optim.Adam([{"params": [params[0]], "lr": lr * rms[0]},
+                                {"params": [params[1]], "lr": lr * rms[1]},
+                                {"params": [params[2]], "lr": lr / kmax}])
+        supp_mask = (st.alpha.detach() > 0) if not support_reselect else None
+
+    step = 0
+    for step in range(1, steps + 1):
+        if method == "gn":
+            Zt = target(W)
+            extra = kmax if support_reselect else 0
+            Fi = _codes_step(Zt, st, phi, kmax, extra, damp_c, Fi, chunk_elems, qp_iters)
+            Fi = _bank_step(Zt, st, phi, lam_b, Fi, cg_iters)
+            Fi = _adapter_step(Zt, st, phi, lambda_A, Fi)
+            if fit_mean and st.mean is not None:
+                _mean_step(W, st, phi)
+                Fi = train_F()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = objective(target(W).detach(), st.A, st.bank, st.alpha, phi) / w_energy
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                st.alpha.copy_(sparse_simplex_projection(st.alpha, kmax, supp_mask))
+                if fit_mean and st.mean is not None:
+                    st.mean = (W - st.A @ ops.compose(st.bank, st.alpha, phi)).mean(0)
+        if step % eval_every and step != steps:
+            if time_limit is None or time.perf_counter() - t_start < time_limit:
+                continue
+        with torch.no_grad():
+            snap = _State(st.A.detach(), st.bank.detach(), st.alpha.detach(), st.mean)
+            Fi = train_F(snap)
+            rec = {"step": step, "time_s": time.perf_counter() - t_start,
+                   "rel_error": rel(float(Fi.sum()), w_energy), "rel_error_val": validate(snap)}
+        history.append(rec)
+        if callback is not None:
+            callback(rec)
+        if not math.isfinite(rec["rel_error"]):
+            break
+        if crit(rec) < best[0] * (1 - min_improvement):
+            best = (crit(rec), step, snap.clone(), dict(vstate))
+            stale = 0
+        else:
+            stale += 1
+            if crit(rec) < best[0]:  # small gains still update the best state
+                best = (crit(rec), step, snap.clone(), dict(vstate))
+        if stale >= patience:
+            stopped = True
+            break
+        if time_limit is not None and time.perf_counter() - t_start >= time_limit:
+            break
+
+    _, best_step, bst, bv = best
+    with torch.no_grad():
+        bst = bst.clone()
+        Fb = train_F(bst)
+    rec_best = history[[h["step"] for h in history].index(best_step)]
+    return RefineResult(
+        bank=bst.bank, alpha=bst.alpha, A=bst.A, phi=phi, method=method, mean=bst.mean, gain=gain,
+        val_alpha=bv["alpha"], val_A=bv["A"],
+        rel_error_start=err0, rel_error=rel(float(Fb.sum()), w_energy),
+        rel_error_val_start=val0, rel_error_val=rec_best["rel_error_val"],
+        best_step=best_step, steps_run=step, stopped_early=stopped, time_s=time.perf_counter() - t_start,
+        history=history,
+    )
+
+
+def refine_fit(fit: Any, W: torch.Tensor, phi: str = "identity", *, val_index: list[int] | None = None,
+               **kwargs: Any) -> RefineResult:
+    """Refine a trainer FitResult on its experts W [N, p, d] (original scale) in the artifact's terms.
+
+    The objective is Σ_i ||W_i - M - A_i φ(Σ_j α_ij B_j)||² with the FitResult's adapters (normalisation scale
+    folded in) and its mean M (zero when the fit was not centred). The FitResult's held-out experts
+    (``fit.val_index``, or ``val_index``) are the validation experts: the bank and the training experts'
+    factors are refined, the held-out ones are refitted with each bank frozen. Returns the RefineResult with
+    alpha / A over all N experts in their original order (held-out rows from val_alpha / val_A). kwargs go to
+    :func:`refine`.
+    """
+    val_index = list(fit.val_index if val_index is None else val_index)
+    N = W.shape[0]
+    dev, dt = fit.A.device, fit.A.dtype
+    W = W.to(device=dev, dtype=dt)
+    mean = fit.normalization.mean.to(W) if fit.normalization.center else None
+    is_val = torch.zeros(N, dtype=torch.bool, device=dev)
+    is_val[val_index] = True
+    tr, va = (~is_val).nonzero().flatten(), is_val.nonzero().flatten()
+    has_val = va.numel() > 0
+    res = refine(
+        W[tr], fit.bank, fit.alpha[tr], fit.A[tr], phi, mean=mean,
+        val_W=W[va] if has_val else None, val_alpha=fit.alpha[va] if has_val else None,
+        val_A=fit.A[va] if has_val else None, **kwargs,
+    )
+    alpha = torch.zeros(N, res.alpha.shape[1], dtype=res.alpha.dtype, device=dev)
+    A = torch.zeros(N, *res.A.shape[1:], dtype=res.A.dtype, device=dev)
+    alpha[tr], A[tr] = res.alpha, res.A
+    if has_val:
+        alpha[va], A[va] = res.val_alpha, res.val_A
+    res.alpha, res.A = alpha, A
+    return res
+
+
+
+
+def linear_warm_start(
+    W: torch.Tensor,
+    r: int,
+    m: int,
+    kmax: int,
+    *,
+    iters: int = 10,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A self-contained linear fit (φ = identity) of W [N, p, d]: (bank [m, r, d], alpha [N, m], A [N, p, r]).
+
+    Proxies P_i = Σ_r V_rᵀ (the top-r right singular directions of W_i, scaled by their singular values),
+    k-means over the unit-norm proxies for the initial bank (:func:`globe.bank.kmeans_bank`), least-squares
+    codes projected onto the kmax-sparse simplex, exact adapters, then ``iters`` Gauss-Newton iterations of
+    :func:`refine` with φ = identity (exact block steps on the true objective). Used where the trainer's
+    :func:`globe.am.fit_bank` is not wanted (quick budget searches, tests of this module).
+    """
+    from globe.bank import kmeans_bank, ls_codes
+
+    _, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    P = S[:, :r, None] * Vh[:, :r]
+    bank, _ = kmeans_bank(P, m, generator=generator)
+    alpha = sparse_simplex_projection(ls_codes(P / P.flatten(1).norm(dim=1)[:, None, None], bank), kmax)
+    A = _adapter_solve(W, apply_phi(_mix(bank, alpha), "identity"), 1e-6)
+    if iters <= 0:
+        return bank, alpha, A
+    res = refine(W, bank, alpha, A, "identity", steps=iters, kmax=kmax, patience=iters + 1)
+    return res.bank, res.alpha, res.A

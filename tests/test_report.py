@@ -1,0 +1,230 @@
+"""The run report: report.md and its PNG plots, from metric records, a summary and an artifact.
+
+These tests build the inputs by hand (an artifact from random factors, records shaped like the trainer's), so
+they check the report alone; tests/test_cli.py checks the report of a real `globe compress` run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+
+import pytest
+import torch
+from globe.artifact import Artifact
+from globe.report import PLOTS, load_records, part_of, step_of, write_report
+
+from globe_kernels.ops import SparseCodes
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path):
+    """(width, height) from the IHDR chunk; asserts the signature and chunk layout of a PNG file."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    return struct.unpack(">II", data[16:24])
+
+
+def assert_real_plot(path):
+    """A valid PNG of a sensible size whose pixels hold a drawing (many distinct colours), not a blank one."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    width, height = png_size(path)
+    assert width >= 300 and height >= 200, (width, height)
+    pixels = imread(path)
+    assert pixels.shape[:2] == (height, width)
+    flat = (pixels[..., :3].reshape(-1, 3) * 255).round().astype(np.uint8)
+    colours = np.unique(flat, axis=0).shape[0]
+    assert colours >= 20, f"{path.name}: only {colours} colours; the plot looks empty"
+    # most of the canvas is background, but not all of it
+    white = (flat == 255).all(axis=1).mean()
+    assert 0.3 < white < 0.995, f"{path.name}: background share {white:.3f}"
+
+
+def random_artifact(scope="global", layers=(0, 2), n=6, p=10, d=12, r=4, m=5, k=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    banks, codes, adapters, means = {}, {}, {}, {}
+    for fam in ("gate", "up"):
+        sids = ["global"] if scope == "global" else [f"layer{L}" for L in layers]
+        for sid in sids:
+            B = torch.randn(m, r, d, generator=gen)
+            banks[(fam, sid)] = B / B.flatten(1).norm(dim=1)[:, None, None]
+            means[(fam, sid)] = torch.randn(p, d, generator=gen)
+        for L in layers:
+            idx = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(n)]).to(torch.int32)
+            idx[0, 1:] = -1  # an expert with a single atom
+            val = torch.rand(n, k, generator=gen) * (idx >= 0)
+            codes[(fam, L)] = SparseCodes(idx, val / val.sum(1, keepdim=True))
+            adapters[(fam, L)] = torch.randn(n, p, r, generator=gen)
+    return Artifact.from_factors(
+        scope=scope,
+        phi="identity",
+        banks=banks,
+        codes=codes,
+        adapters=adapters,
+        means=means,
+        source={"path": "/nowhere/ckpt", "arch": "qwen3_moe"},
+    )
+
+
+def trainer_like_records(parts, steps=6):
+    """Records with the keys the trainer logs (a subset), for several (family, scope id) parts."""
+    out = []
+    for family, sid in parts:
+        for s in range(steps + 1):
+            out.append(
+                {
+                    "family": family,
+                    "scope_id": sid,
+                    "step": s,
+                    "rel_error": 0.4 * math.exp(-s / 3) + 0.1,
+                    "rel_error_val": 0.45 * math.exp(-s / 3) + 0.12,
+                    "temperature": 0.8**s,
+                    "T_min": 0.05,
+                    "T_max": 20.0,
+                    "support_median": max(2, 8 - s),
+                    "support_target": 4.0,
+                    "entropy_mean": 1.0,
+                    "atoms_unused": 0,
+                    "cholesky_fallbacks": 0,
+                    "step_time_s": 0.01,
+                    "seeding_method": "ts_pca",
+                    "m": 5,
+                    "r": 4,
+                    "target_support": 4,
+                    "lambda_B": 1e-4,
+                    "lambda_A": 1e-4,
+                }
+            )
+    return out
+
+
+def summary_rows(layers=(0, 2)):
+    rows = []
+    for fam in ("gate", "up"):
+        for i, L in enumerate(layers):
+            rows.append(
+                {
+                    "family": fam,
+                    "layer": L,
+                    "rel_error": 0.2 + 0.01 * i,
+                    "param_ratio": 0.4,
+                    "median_support": 3,
+                    "time_s": None,
+                }
+            )
+        rows.append(
+            {
+                "family": fam,
+                "layer": "all",
+                "rel_error": 0.205,
+                "param_ratio": 0.4,
+                "median_support": 3,
+                "time_s": 1.5,
+            }
+        )
+    return rows
+
+
+def write_run(out, scope="global", with_eval=False):
+    layers = (0, 2)
+    art = random_artifact(scope=scope, layers=layers)
+    art.save(out)
+    parts = (
+        [(f, "global") for f in ("gate", "up")]
+        if scope == "global"
+        else [(f, f"layer{L}") for f in ("gate", "up") for L in layers]
+    )
+    with open(out / "metrics.jsonl", "w") as f:
+        for rec in trainer_like_records(parts):
+            f.write(json.dumps(rec) + "\n")
+        f.write('{"family": "gate", "scope_id": "glo')  # a line cut by a killed process
+    (out / "summary.json").write_text(
+        json.dumps({"checkpoint": "/nowhere/ckpt", "rows": summary_rows(layers)})
+    )
+    if with_eval:
+        (out / "eval.json").write_text(
+            json.dumps(
+                {
+                    "outputs": {
+                        "tokens": 64,
+                        "tokenization": "UTF-8 bytes modulo vocab_size=128",
+                        "original": {"perplexity": 120.0},
+                        "modes": {
+                            "precomposed": {
+                                "logit_rel_error": 1e-3,
+                                "top1_agreement": 0.97,
+                                "perplexity": 121.0,
+                            }
+                        },
+                    }
+                }
+            )
+        )
+    return art
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_report_has_every_plot_as_a_real_png(tmp_path, scope):
+    write_run(tmp_path, scope=scope, with_eval=True)
+    report = write_report(tmp_path)
+    text = report.read_text()
+    linked = re.findall(r"!\[[^\]]*\]\((plots/[^)]+\.png)\)", text)
+    assert sorted(linked) == sorted(f"plots/{name}.png" for name in PLOTS)
+    for rel in linked:
+        assert_real_plot(tmp_path / rel)
+    # summary, evaluation and training sections carry the numbers they were given
+    assert "| gate | 2 | 0.2100 | 0.400 | 3 | - |" in text
+    assert "| precomposed | 1.000e-03 | 97.0% | 121 |" in text
+    assert "Training (last AM step of each bank)" in text
+    assert f"({2 * 7 if scope == 'global' else 4 * 7} records)" in text
+    # nothing left behind by the atomic writes
+    assert not [p.name for p in tmp_path.rglob(".*")]
+
+
+def test_report_with_records_only(tmp_path):
+    """A run interrupted before its artifact: the step plots are made, the artifact plots are skipped."""
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in trainer_like_records([("gate", "global")]))
+    )
+    text = write_report(tmp_path).read_text()
+    assert "plots/error_vs_step.png" in text and "plots/temperature_support.png" in text
+    assert "support_histogram" not in text and "atom_popularity" not in text
+    assert_real_plot(tmp_path / "plots" / "error_vs_step.png")
+
+
+def test_report_of_an_empty_folder(tmp_path):
+    text = write_report(tmp_path).read_text()
+    assert text.startswith("# GloBE compression report")
+    assert "![" not in text
+
+
+def test_atom_popularity_counts_the_codes(tmp_path):
+    from globe.report import _atom_usage
+
+    art = random_artifact(scope="global")
+    usage = _atom_usage(art)
+    for fam in ("gate", "up"):
+        nnz = sum(
+            int(((art.codes(fam, L).indices >= 0) & (art.codes(fam, L).values != 0)).sum())
+            for L in art.layers
+        )
+        assert sum(usage[(fam, "global")]) == nnz
+        assert len(usage[(fam, "global")]) == art.shape["m"]
+
+
+def test_record_helpers(tmp_path):
+    assert part_of({"family": "up", "scope_id": "layer3"}) == ("up", "layer3")
+    assert part_of({"family": "up", "layer": 3}) == ("up", "layer3")
+    assert part_of({"family": "gate", "scope": "global"}) == ("gate", "global")
+    assert step_of({"step": 4}) == 4 and step_of({"step": True}) is None and step_of({}) is None
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n\nnot json\n[1, 2]\n{"step": 2}\n')
+    assert [r["step"] for r in load_records(path)] == [1, 2]
+    assert load_records(tmp_path / "missing.jsonl") == []
