@@ -130,8 +130,15 @@ _warned: set[tuple[str, str]] = set()
 
 @contextlib.contextmanager
 def use_backend(name: str, ops: str | tuple[str, ...] | None = None) -> Iterator[None]:
-    """Force a backend (for all ops, or the named ones) inside a ``with`` block; raises if it cannot run."""
-    ops = OPS if ops is None else ((ops,) if isinstance(ops, str) else tuple(ops))
+    """Force a backend inside a ``with`` block; a forced backend that cannot run raises.
+
+    With ops=None the backend is forced on every op that has it (``use_backend("triton")`` leaves the Cholesky
+    op, which has no Triton backend, to automatic selection); named ops must all have it."""
+    if ops is None:
+        ops = tuple(op for op in OPS if name in {b.name for b in _REGISTRY[op]})
+        if not ops:
+            raise KeyError(f"no op has a backend {name!r}")
+    ops = (ops,) if isinstance(ops, str) else tuple(ops)
     for op in ops:
         if op not in _REGISTRY:
             raise KeyError(f"unknown op {op!r}; ops are {OPS}")

@@ -20,9 +20,13 @@ the real count carry expert -1 and their programs return at once, and experts wi
 Partial token blocks and odd r, d, p are masked; every ``tl.dot`` dimension is at least 16 (a one-token decode
 tile still has 16 masked rows).
 
-Configurations: no autotuning. Two fixed configurations, "decode" (BLOCK_T=16, for few tokens per expert) and
-"prefill" (BLOCK_T=64, wgmma-sized on sm_90), picked from the host-known T and n; ``aot_specs()`` lists every
-(configuration, dtype, variant) the launcher can launch, for ahead-of-time compilation.
+Configurations: no autotuning. Two fixed configurations per dtype, "decode" (BLOCK_T=16, for few tokens per
+expert; mma.sync) and "prefill" (BLOCK_T=64, wgmma on sm_90), picked from the host-known T and n, or forced
+with GLOBE_TRITON_ADAPTER_CONFIG=decode|prefill. ``aot_specs()`` lists every (configuration, dtype, variant)
+the launcher can launch, for ahead-of-time compilation.
+
+Bank mode reads k atom tiles per B~ tile and recomposes them for every token block of the expert: it trades
+FLOPs and L2 traffic for never materialising B~ (the memory-saving serving mode).
 
 Dtypes: x in fp32, bf16 or fp16 is the compute dtype; weights in another dtype are cast to it first. fp32 runs
 the dot products in IEEE fp32 (no tf32), matching the reference. Accumulation is fp32 throughout. The output

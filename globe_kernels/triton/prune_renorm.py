@@ -124,7 +124,8 @@ def aot_specs() -> list[dict]:
                         "BLOCK_M": "constexpr",
                     },
                     "constexprs": {"ROWS": rows, "BLOCK_M": block_m},
-                    "divisible_by_16": ["alpha_ptr", "out_ptr", "support_ptr"],
+                    # the JIT specialisation at real shapes: aligned tensors, m (and the row stride) % 16 == 0
+                    "divisible_by_16": ["alpha_ptr", "out_ptr", "support_ptr", "m", "stride_row"],
                     "num_warps": warps,
                     "num_stages": 1,
                 }
