@@ -105,7 +105,9 @@ def _needs_triton() -> str | None:
 _REGISTRY: dict[str, list[Backend]] = {op: [] for op in OPS}
 
 
-def register_backend(op: str, name: str, devices: set[str] | frozenset[str], target: str, requires=None) -> None:
+def register_backend(
+    op: str, name: str, devices: set[str] | frozenset[str], target: str, requires=None
+) -> None:
     """Add a backend to an op's registry (later registrations have lower priority)."""
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; ops are {OPS}")
@@ -115,14 +117,18 @@ def register_backend(op: str, name: str, devices: set[str] | frozenset[str], tar
 
 for _op in ("compose", "prune_renorm", "adapter_gemm"):
     register_backend(_op, "triton", {"cuda"}, f"globe_kernels.triton.{_op}:{_op}", _needs_triton)
-register_backend("cholesky_solve_batched", "ext", {"cpu", "cuda"}, "globe_kernels._ext:cholesky_solve_batched")
+register_backend(
+    "cholesky_solve_batched", "ext", {"cpu", "cuda"}, "globe_kernels._ext:cholesky_solve_batched"
+)
 for _op in OPS:
     register_backend(_op, "torch", {"cpu", "cuda", "mps", "xpu", "meta"}, f"globe_kernels.reference:{_op}")
 
 
-# --- selection ---------------------------------------------------------------------------------------------
+# --- selection --------------------------------------------------------------------------------
 
-_forced_ctx: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("globe_forced_backends", default={})
+_forced_ctx: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "globe_forced", default=None
+)
 _counts: Counter = Counter()
 _fallbacks: Counter = Counter()
 _warned: set[tuple[str, str]] = set()
@@ -144,7 +150,7 @@ def use_backend(name: str, ops: str | tuple[str, ...] | None = None) -> Iterator
             raise KeyError(f"unknown op {op!r}; ops are {OPS}")
         if name not in {b.name for b in _REGISTRY[op]}:
             raise KeyError(f"op {op!r} has no backend {name!r}; it has {[b.name for b in _REGISTRY[op]]}")
-    token = _forced_ctx.set({**_forced_ctx.get(), **{op: name for op in ops}})
+    token = _forced_ctx.set({**(_forced_ctx.get() or {}), **{op: name for op in ops}})
     try:
         yield
     finally:
@@ -153,7 +159,7 @@ def use_backend(name: str, ops: str | tuple[str, ...] | None = None) -> Iterator
 
 def forced_backend(op: str) -> str | None:
     """The backend forced for op by use_backend or the environment, or None."""
-    forced = _forced_ctx.get().get(op)
+    forced = (_forced_ctx.get() or {}).get(op)
     if forced:
         return forced
     env = os.environ.get(f"GLOBE_BACKEND_{op.upper()}") or os.environ.get("GLOBE_BACKEND")
@@ -249,7 +255,7 @@ def describe(device: str | torch.device | None = None) -> list[dict[str, str]]:
     return rows
 
 
-# --- custom ops ----------------------------------------------------------------------------------------------
+# --- custom ops --------------------------------------------------------------------------------
 # Sparse codes travel as two optional tensors because custom-op schemas take tensors, not tuples.
 
 
@@ -347,7 +353,7 @@ def _(G, R, lam):
     return torch.empty_like(R), torch.empty((), dtype=torch.int64)
 
 
-# --- public API ----------------------------------------------------------------------------------------------
+# --- public API --------------------------------------------------------------------------------
 
 
 def compose(
@@ -394,14 +400,29 @@ def adapter_gemm(
     [n, r, d] (precomposed mode) or bank_* [m, r, d] with codes_* SparseCodes (bank mode).
     """
     if (composed_gate is None) == (bank_gate is None) or (composed_up is None) == (bank_up is None):
-        raise ValueError("adapter_gemm: give composed_gate/composed_up or bank_gate/bank_up (with codes), not both")
+        raise ValueError("adapter_gemm: give composed_gate/up or bank_gate/up (with codes), not both")
     if bank_gate is not None and (codes_gate is None or codes_up is None):
         raise ValueError("adapter_gemm: bank mode needs codes_gate and codes_up (SparseCodes)")
     ig, vg = (codes_gate.indices, codes_gate.values) if codes_gate is not None else (None, None)
     iu, vu = (codes_up.indices, codes_up.values) if codes_up is not None else (None, None)
     out = _adapter_gemm_op(
-        x, offsets, adapter_gate, adapter_up, composed_gate, composed_up, bank_gate, ig, vg, bank_up, iu, vu,
-        reference.check_phi(phi), shift_gate, shift_up, "none" if act is None else act, out_dtype,
+        x,
+        offsets,
+        adapter_gate,
+        adapter_up,
+        composed_gate,
+        composed_up,
+        bank_gate,
+        ig,
+        vg,
+        bank_up,
+        iu,
+        vu,
+        reference.check_phi(phi),
+        shift_gate,
+        shift_up,
+        "none" if act is None else act,
+        out_dtype,
     )
     return out[0] if act is not None else (out[0], out[1])
 

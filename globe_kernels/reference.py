@@ -152,7 +152,9 @@ def expert_projection(
     if composed is None:
         if bank is None or codes is None:
             raise ValueError("pass either composed, or bank and codes")
-        composed = compose(bank, codes, phi=phi, out_dtype=torch.float64 if x.dtype == torch.float64 else None)
+        composed = compose(
+            bank, codes, phi=phi, out_dtype=torch.float64 if x.dtype == torch.float64 else None
+        )
     inner = _grouped_linear(x, composed, offsets)
     out = _grouped_linear(inner.to(x.dtype) if x.dtype != torch.float64 else inner, adapter, offsets)
     if shift is not None:
