@@ -68,9 +68,7 @@ def _cuda_wanted() -> bool:
         _say(f"nvcc not found (CUDA_HOME={CUDA_HOME!r}): building the CPU kernel only")
         return False
     if not torch.cuda.is_available():
-        _say(
-            "no GPU visible: building the CPU kernel only (GLOBE_FORCE_CUDA=1 builds the CUDA kernel anyway)"
-        )
+        _say("no GPU visible: building the CPU kernel only (GLOBE_FORCE_CUDA=1 builds the CUDA kernel anyway)")
         return False
     return True
 
@@ -96,9 +94,7 @@ def extensions() -> tuple[list, dict]:
             extra_link_args=openmp,
         )
     else:
-        ext = CppExtension(
-            "globe_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp
-        )
+        ext = CppExtension("globe_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     _say(f"building globe_kernels._C ({'CPU + CUDA' if cuda else 'CPU'}) from {', '.join(sources)}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -133,9 +133,7 @@ def _load_uncached() -> tuple[ModuleType, str]:
         raise ExtensionUnavailable(f"{installed} and GLOBE_NO_JIT=1 forbids building it just in time")
     missing = [s for s in CPU_SOURCES + CUDA_SOURCES if not (CSRC / s).exists()]
     if missing:
-        raise ExtensionUnavailable(
-            f"{installed} and no C++ sources to build it from ({CSRC} lacks {missing})"
-        )
+        raise ExtensionUnavailable(f"{installed} and no C++ sources to build it from ({CSRC} lacks {missing})")
     tools = missing_build_tools()
     if tools:
         raise ExtensionUnavailable(f"{installed} and a just-in-time build needs {' and '.join(tools)}")
@@ -152,9 +150,7 @@ def _load_uncached() -> tuple[ModuleType, str]:
     seconds = time.perf_counter() - start
     _info.update(path="jit", reason=installed, build_dir=str(build_dir), seconds=round(seconds, 1))
     kind = "CPU + CUDA" if cuda else f"CPU only: {no_cuda}"
-    return module, (
-        f"globe_kernels: {installed}; built it just in time ({kind}) in {build_dir} ({seconds:.1f} s)"
-    )
+    return module, (f"globe_kernels: {installed}; built it just in time ({kind}) in {build_dir} ({seconds:.1f} s)")
 
 
 def load() -> ModuleType:
@@ -171,9 +167,7 @@ def load() -> ModuleType:
             _error = str(exc)
             _info.update(path=None, reason=_error)
             # an explicit opt-out is not a problem worth a warning
-            (log.info if _env_flag("GLOBE_NO_JIT") else log.warning)(
-                "globe_kernels: extension unavailable: %s", exc
-            )
+            (log.info if _env_flag("GLOBE_NO_JIT") else log.warning)("globe_kernels: extension unavailable: %s", exc)
             raise
         _module = module
         log.info("%s", line)
@@ -216,9 +210,7 @@ def _cholesky_solve_batched(G: torch.Tensor, R: torch.Tensor, lam: float) -> tup
     if R.dim() != 3 or R.shape[0] != G.shape[0] or R.shape[2] != G.shape[1]:
         raise ValueError(f"R must be [n, p, {G.shape[1]}] to match G {tuple(G.shape)}, got {tuple(R.shape)}")
     if G.dtype not in (torch.float32, torch.float64) or R.dtype != G.dtype:
-        raise TypeError(
-            f"the extension takes float32 or float64 G and R of one dtype, got {G.dtype}, {R.dtype}"
-        )
+        raise TypeError(f"the extension takes float32 or float64 G and R of one dtype, got {G.dtype}, {R.dtype}")
     if G.device != R.device:
         raise ValueError(f"G and R must be on one device, got {G.device} and {R.device}")
     module = load()
@@ -228,8 +220,7 @@ def _cholesky_solve_batched(G: torch.Tensor, R: torch.Tensor, lam: float) -> tup
             raise ExtensionUnavailable("globe_kernels._C was built without its CUDA kernel")
         if r > module.cuda_max_r:
             raise NotImplementedError(
-                f"the CUDA kernel takes r <= {module.cuda_max_r} (one system per block in shared memory), "
-                f"got r={r}"
+                f"the CUDA kernel takes r <= {module.cuda_max_r} (one system per block in shared memory), got r={r}"
             )
     elif G.device.type != "cpu":
         raise ExtensionUnavailable(f"the extension has no kernel for {G.device.type} tensors")

@@ -63,6 +63,8 @@ class Backend:
     target: str  # "module:function"
     # extra availability rule beyond the device: returns a reason string when the backend cannot run
     requires: Callable[[], str | None] | None = None
+    # availability on a particular device once loaded (e.g. an extension built without its CUDA part)
+    device_check: Callable[[torch.device], str | None] | None = None
     _fn: Callable | None = None
     _error: str | None = None
 
@@ -106,19 +108,27 @@ _REGISTRY: dict[str, list[Backend]] = {op: [] for op in OPS}
 
 
 def register_backend(
-    op: str, name: str, devices: set[str] | frozenset[str], target: str, requires=None
+    op: str, name: str, devices: set[str] | frozenset[str], target: str, requires=None, device_check=None
 ) -> None:
     """Add a backend to an op's registry (later registrations have lower priority)."""
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; ops are {OPS}")
     _REGISTRY[op] = [b for b in _REGISTRY[op] if b.name != name]
-    _REGISTRY[op].append(Backend(name, frozenset(devices), target, requires))
+    _REGISTRY[op].append(Backend(name, frozenset(devices), target, requires, device_check))
+
+
+def _ext_serves(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    from . import _ext
+
+    return None if _ext.status(load_ext=False)["cuda"] else "the extension was built without its CUDA part"
 
 
 for _op in ("compose", "prune_renorm", "adapter_gemm"):
     register_backend(_op, "triton", {"cuda"}, f"globe_kernels.triton.{_op}:{_op}", _needs_triton)
 register_backend(
-    "cholesky_solve_batched", "ext", {"cpu", "cuda"}, "globe_kernels._ext:cholesky_solve_batched"
+    "cholesky_solve_batched", "ext", {"cpu", "cuda"}, "globe_kernels._ext:cholesky_solve_batched", None, _ext_serves
 )
 for _op in OPS:
     register_backend(_op, "torch", {"cpu", "cuda", "mps", "xpu", "meta"}, f"globe_kernels.reference:{_op}")
@@ -126,9 +136,7 @@ for _op in OPS:
 
 # --- selection --------------------------------------------------------------------------------
 
-_forced_ctx: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
-    "globe_forced", default=None
-)
+_forced_ctx: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("globe_forced", default=None)
 _counts: Counter = Counter()
 _fallbacks: Counter = Counter()
 _warned: set[tuple[str, str]] = set()
@@ -196,6 +204,9 @@ def _run(op: str, device: torch.device, *args, **kwargs):
             continue
         try:
             fn = backend.load()
+            reason = backend.device_check(device) if backend.device_check else None
+            if reason is not None:
+                raise BackendUnavailable(reason)
         except BackendUnavailable as exc:
             errors.append(f"{backend.name}: {exc}")
             continue
@@ -244,6 +255,8 @@ def describe(device: str | torch.device | None = None) -> list[dict[str, str]]:
                 status = f"not used: serves {sorted(backend.devices)}, not {device.type}"
             else:
                 reason = backend.unavailable_reason()
+                if reason is None and backend.device_check is not None:
+                    reason = backend.device_check(device)
                 if reason is not None:
                     status = f"unavailable: {reason}"
                 elif chosen is None:
@@ -356,6 +369,12 @@ def _(G, R, lam):
 # --- public API --------------------------------------------------------------------------------
 
 
+def _eager() -> bool:
+    """Outside torch.compile call the dispatcher directly: the custom-op layer is only needed for tracing, and
+    its first call imports torch._dynamo (seconds of start-up for a command-line run)."""
+    return not torch.compiler.is_compiling()
+
+
 def compose(
     bank: torch.Tensor,
     alpha: torch.Tensor | SparseCodes,
@@ -364,6 +383,8 @@ def compose(
 ) -> torch.Tensor:
     """B~_i = phi(sum_j alpha_ij B_j): bank [m, r, d], alpha [n, m] or SparseCodes -> [n, r, d]."""
     phi = reference.check_phi(phi)
+    if _eager():
+        return _run("compose", bank.device, bank, alpha, phi, out_dtype)
     if isinstance(alpha, SparseCodes):
         return _compose_op(bank, None, alpha.indices, alpha.values, phi, out_dtype)
     return _compose_op(bank, alpha, None, None, phi, out_dtype)
@@ -373,6 +394,8 @@ def prune_renorm(alpha: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
     """Zero entries below eps, renormalise rows to 1 (an emptied row keeps its largest entry).
 
     Returns (pruned alpha, support size per row as int32)."""
+    if _eager():
+        return _run("prune_renorm", alpha.device, alpha, float(eps))
     return _prune_renorm_op(alpha, float(eps))
 
 
@@ -403,6 +426,26 @@ def adapter_gemm(
         raise ValueError("adapter_gemm: give composed_gate/up or bank_gate/up (with codes), not both")
     if bank_gate is not None and (codes_gate is None or codes_up is None):
         raise ValueError("adapter_gemm: bank mode needs codes_gate and codes_up (SparseCodes)")
+    if _eager():
+        return _run(
+            "adapter_gemm",
+            x.device,
+            x,
+            offsets,
+            adapter_gate,
+            adapter_up,
+            composed_gate=composed_gate,
+            composed_up=composed_up,
+            bank_gate=bank_gate,
+            codes_gate=codes_gate,
+            bank_up=bank_up,
+            codes_up=codes_up,
+            phi=reference.check_phi(phi),
+            shift_gate=shift_gate,
+            shift_up=shift_up,
+            act=act,
+            out_dtype=out_dtype,
+        )
     ig, vg = (codes_gate.indices, codes_gate.values) if codes_gate is not None else (None, None)
     iu, vu = (codes_up.indices, codes_up.values) if codes_up is not None else (None, None)
     out = _adapter_gemm_op(
@@ -429,7 +472,10 @@ def adapter_gemm(
 
 def cholesky_solve_batched(G: torch.Tensor, R: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
     """A_i = R_i (G_i + lam I)^-1 for G [n, r, r] SPD, R [n, p, r]; returns (A, systems that fell back)."""
-    A, n_fallback = _cholesky_op(G, R, float(lam))
+    if _eager():
+        A, n_fallback = _run("cholesky_solve_batched", G.device, G, R, float(lam))
+    else:
+        A, n_fallback = _cholesky_op(G, R, float(lam))
     return A, int(n_fallback)
 
 

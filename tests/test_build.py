@@ -97,9 +97,8 @@ def test_cuda_kernel_compiles_without_spills(tmp_path):
         assert info["registers"] <= 255, summary
 
 
-@pytest.mark.skipif(
-    NVCC is None or shutil.which("c++") is None, reason="needs nvcc (for CUDA headers) and c++"
-)
+@pytest.mark.slow  # ~12 s of CPU: torch's headers
+@pytest.mark.skipif(NVCC is None or shutil.which("c++") is None, reason="needs nvcc (for CUDA headers) and c++")
 def test_cuda_binding_compiles(tmp_path):
     """cholesky_cuda.cpp against torch's headers and the CUDA runtime headers (syntax and types only).
 
@@ -122,9 +121,7 @@ def test_cuda_binding_compiles(tmp_path):
         includes.insert(0, str(tmp_path / "stub"))
     cmd = ["c++", "-std=c++20", "-fsyntax-only", "-Wall", "-DGLOBE_WITH_CUDA"]
     cmd += [f for p in includes for f in ("-isystem", p)]
-    proc = subprocess.run(
-        [*cmd, str(CSRC / "cholesky_cuda.cpp")], capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([*cmd, str(CSRC / "cholesky_cuda.cpp")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr, proc.stderr
 
@@ -163,9 +160,7 @@ def test_setup_switches(monkeypatch):
     if not torch.version.cuda:
         assert not cuda
         monkeypatch.setenv("GLOBE_FORCE_CUDA", "1")
-        with pytest.raises(
-            RuntimeError, match="GLOBE_FORCE_CUDA=1, but the installed torch .* not a CUDA build"
-        ):
+        with pytest.raises(RuntimeError, match="GLOBE_FORCE_CUDA=1, but the installed torch .* not a CUDA build"):
             setup_py.extensions()
 
 
@@ -196,9 +191,7 @@ NO_EXT_SCRIPT = textwrap.dedent(
 def test_works_without_the_extension(tmp_path):
     """GLOBE_NO_JIT=1 and no built extension: the op runs on torch, one log line says why."""
     pkg = tmp_path / "globe_kernels"
-    shutil.copytree(
-        ROOT / "globe_kernels", pkg, ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__")
-    )
+    shutil.copytree(ROOT / "globe_kernels", pkg, ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLOBE_")}
     env.update(GLOBE_NO_JIT="1", PYTHONPATH=str(tmp_path))
     proc = subprocess.run(
@@ -218,6 +211,4 @@ def test_works_without_the_extension(tmp_path):
     before, _, after = proc.stderr.partition("IMPORTED")
     assert "LOG globe_kernels" not in before
     lines = [line for line in after.splitlines() if line.startswith("LOG globe_kernels")]
-    assert len(lines) == 1 and "GLOBE_NO_JIT" in lines[0] and "no installed globe_kernels._C" in lines[0], (
-        after
-    )
+    assert len(lines) == 1 and "GLOBE_NO_JIT" in lines[0] and "no installed globe_kernels._C" in lines[0], after

@@ -64,9 +64,7 @@ def rel_err(A: torch.Tensor, ref: torch.Tensor) -> float:
     return ((A.double() - ref).abs() / scale).max().item()
 
 
-def check(
-    A: torch.Tensor, n_bad: int, G: torch.Tensor, R: torch.Tensor, lam: float, dtype: torch.dtype
-) -> None:
+def check(A: torch.Tensor, n_bad: int, G: torch.Tensor, R: torch.Tensor, lam: float, dtype: torch.dtype) -> None:
     ref, ref_bad = reference.cholesky_solve_batched(G.double(), R.double(), lam)
     assert A.dtype == dtype and A.shape == R.shape
     assert not torch.isnan(A).any()
@@ -76,9 +74,7 @@ def check(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    ("n", "r", "p"), [(1, 1, 1), (97, 1, 5), (1, 37, 45), (97, 37, 45), (3, 64, 128), (2, 80, 3)]
-)
+@pytest.mark.parametrize(("n", "r", "p"), [(1, 1, 1), (97, 1, 5), (1, 37, 45), (97, 37, 45), (3, 64, 128), (2, 80, 3)])
 @pytest.mark.parametrize("lam", [0.0, 0.25])
 def test_spd_matches_float64(ext, dtype, n, r, p, lam):
     gen = torch.Generator().manual_seed(1000 * n + 10 * r + p)
@@ -204,9 +200,7 @@ def test_through_the_dispatcher(ext, dtype):
     assert n_bad2 == n_bad and torch.equal(A2[~flagged], A[~flagged])
     assert rel_err(A2, A.double()) <= TOL[dtype]  # LAPACK's least squares need not repeat bit for bit
     assert ops.backend_counts() == {"cholesky_solve_batched": {"ext": 2}}
-    row = next(
-        x for x in ops.describe("cpu") if x["op"] == "cholesky_solve_batched" and x["backend"] == "ext"
-    )
+    row = next(x for x in ops.describe("cpu") if x["op"] == "cholesky_solve_batched" and x["backend"] == "ext")
     assert row["status"] == "ACTIVE"
 
 
