@@ -164,9 +164,7 @@ def test_spherical_kmeans_snapping():
 def test_residual_greedy_trace_and_span():
     Z = planted(10, 16, 40, 5, atoms=4, noise=0.1, seed=9)
     res = seed(Z, 5, "residual_greedy", refine=0)
-    trace = sorted(
-        (int(k.rsplit("_", 1)[1]), v) for k, v in res.metrics.items() if k.startswith("greedy_residual_at_")
-    )
+    trace = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in res.metrics.items() if k.startswith("greedy_residual_at_"))
     values = [v for _, v in trace]
     assert values == sorted(values, reverse=True) and 0 <= values[-1] < values[0] <= 1
     # Proxies inside the selected span capture at most the span's energy.

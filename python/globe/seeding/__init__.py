@@ -67,21 +67,16 @@ def seed_proxies(
         shape = tuple(Z.shape) if isinstance(Z, torch.Tensor) else type(Z).__name__
         raise ConfigError(f"Z must be a [N, p, d] tensor of experts, got {shape}")
     if not (Z.is_floating_point() and Z.numel() > 0):
-        raise ConfigError(
-            f"Z must be a non-empty floating-point tensor, got dtype {Z.dtype}, shape {tuple(Z.shape)}"
-        )
+        raise ConfigError(f"Z must be a non-empty floating-point tensor, got dtype {Z.dtype}, shape {tuple(Z.shape)}")
     N, p, d = Z.shape
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(p, d):
-        raise ConfigError(
-            f"r must be an integer in [1, min(p, d)] = [1, {min(p, d)}] for experts {p}x{d}, got {r!r}"
-        )
+        raise ConfigError(f"r must be an integer in [1, min(p, d)] = [1, {min(p, d)}] for experts {p}x{d}, got {r!r}")
     fn = SEEDERS[method]
     known = _options_of(fn)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown option(s) {', '.join(unknown)} for seeding method {method!r}; "
-            f"it accepts: {', '.join(known)}"
+            f"unknown option(s) {', '.join(unknown)} for seeding method {method!r}; it accepts: {', '.join(known)}"
         )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ConfigError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

@@ -48,11 +48,7 @@ def seed_left_gram(
     """Shared-left-subspace proxies. Options: left_rank (k in [r, p], default min(p, r + max(8, r // 8))),
     align, weight_floor."""
     N, p, d = Z.shape
-    k = (
-        min(p, r + default_oversample(r))
-        if left_rank is None
-        else check_positive_int("left_rank", left_rank, r, p)
-    )
+    k = min(p, r + default_oversample(r)) if left_rank is None else check_positive_int("left_rank", left_rank, r, p)
     check_align(align)
     check_fraction("weight_floor", weight_floor)
     g = make_generator(generator)

@@ -116,9 +116,7 @@ def seed_residual_greedy(
     basis = orthonormalize_rows((B.transpose(0, 1) @ A.to(wdt)).to(Z.dtype))
 
     Q, energies, inside = expert_subspaces(Z, basis, r, refine)
-    proxies, explained, _ = finish(
-        Z, Q, ref=basis[:r], align=align, weight_floor=weight_floor, energies=energies
-    )
+    proxies, explained, _ = finish(Z, Q, ref=basis[:r], align=align, weight_floor=weight_floor, energies=energies)
     sample_total = float(torch.linalg.vector_norm(S).to("cpu", torch.float64).square())
     metrics = {
         "greedy_residual": 1.0 - inside,
