@@ -12,14 +12,17 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 
 import torch
-
 from globe import GlobeConfig, fit_bank
 from globe.synthetic import planted_experts
 
-SHAPES = {"qwen3_30b_a3b_layer": dict(N=128, p=768, d=2048, r=384, m=32), "small": dict(N=32, p=192, d=512, r=96, m=8)}
+SHAPES = {
+    "qwen3_30b_a3b_layer": dict(N=128, p=768, d=2048, r=384, m=32),
+    "small": dict(N=32, p=192, d=512, r=96, m=8),
+}
 
 
 def main() -> None:
@@ -35,21 +38,35 @@ def main() -> None:
     s = SHAPES[name]
     plant = planted_experts(1, s["N"], s["p"], s["d"], seed=0, rank=s["r"] // 4, num_atoms=s["m"], families=("gate",))
     W = plant.weights["gate"][0]
-    print(f"# bench_am: {name} N={s['N']} p={s['p']} d={s['d']} r={s['r']} m={s['m']}, {args.steps} steps, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"# bench_am: {name} N={s['N']} p={s['p']} d={s['d']} r={s['r']} m={s['m']}, {args.steps} steps, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print("| mode | init s | s/step median | min | max | rel error | peak RSS GB |")
     print("|---|---|---|---|---|---|---|")
     modes = [False] + ([True] if args.weight_aware else [])
     for wa in modes:
         cfg = GlobeConfig(r=s["r"], m=s["m"], steps=args.steps, patience=args.steps + 1, weight_aware=wa)
         t0 = time.perf_counter()
-        fit = fit_bank(W, cfg)
+        fit = fit_bank(
+            W,
+            cfg,
+            callback=lambda rec: print(
+                f"#   step {rec['step']}: {rec.get('step_time_s', 0):.2f} s, rel error {rec['rel_error']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
         total = time.perf_counter() - t0
         steps = [h["step_time_s"] for h in fit.history[1:]]
         init = total - sum(steps)
-        print(f"| {'weight-aware' if wa else 'proxy (default)'} | {init:.1f} | {statistics.median(steps):.2f} | "
-              f"{min(steps):.2f} | {max(steps):.2f} | {fit.metrics['rel_error']:.4f} | "
-              f"{fit.history[-1]['peak_memory_bytes'] / 1e9:.1f} |")
+        print(
+            f"| {'weight-aware' if wa else 'proxy (default)'} | {init:.1f} | "
+            f"{statistics.median(steps):.2f} | "
+            f"{min(steps):.2f} | {max(steps):.2f} | {fit.metrics['rel_error']:.4f} | "
+            f"{fit.history[-1]['peak_memory_bytes'] / 1e9:.1f} |"
+        )
 
 
 if __name__ == "__main__":

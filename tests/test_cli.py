@@ -68,9 +68,7 @@ def run_cli(*args, env=None, check=True):
         timeout=300,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"globe {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        )
+        raise AssertionError(f"globe {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
@@ -124,9 +122,7 @@ def config_file(tmp_path_factory):
 def reference(checkpoint, config_file, tmp_path_factory):
     """One uninterrupted compress run: (output folder, its stdout)."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    proc = run_cli(
-        "compress", checkpoint, "-o", out, "--config", config_file, *CLI_OPTIONS, env={"GLOBE_DEBUG": "1"}
-    )
+    proc = run_cli("compress", checkpoint, "-o", out, "--config", config_file, *CLI_OPTIONS, env={"GLOBE_DEBUG": "1"})
     return out, proc.stdout
 
 
@@ -170,8 +166,7 @@ def test_compress_then_eval_end_to_end(checkpoint, reference):
     result = json.loads((out / "eval.json").read_text())
     recon = {(r["family"], r["layer"]): r["rel_error"] for r in result["reconstruction"]}
     summary = {
-        (r["family"], r["layer"]): r["rel_error"]
-        for r in json.loads((out / "summary.json").read_text())["rows"]
+        (r["family"], r["layer"]): r["rel_error"] for r in json.loads((out / "summary.json").read_text())["rows"]
     }
     assert recon == pytest.approx(summary, rel=1e-9)  # same artifact, same checkpoint, same numbers
     outputs = result["outputs"]
@@ -219,38 +214,39 @@ def test_report_files_are_real_pngs(reference):
         assert_real_plot(out / rel)
 
 
-def test_resume_after_ctrl_c_gives_identical_factors(checkpoint, config_file, reference, tmp_path):
+def test_resume_after_ctrl_c_and_after_a_kill_gives_identical_factors(
+    checkpoint, config_file, reference, tmp_path, capsys
+):
+    """Ctrl-C after the first bank, resume, killed inside the third bank's AM run, resume again: the factors
+    equal the uninterrupted run's bit for bit, and the metric log holds one clean run per bank."""
     out = tmp_path / "out"
     args = ["compress", checkpoint, "-o", out, "--config", config_file, *CLI_OPTIONS]
+    argv = [str(a) for a in args]
+
     proc = run_cli(*args, env={"GLOBE_TEST_INTERRUPT_AFTER": "1"}, check=False)
     assert proc.returncode == 130, proc.stderr
     assert "--resume" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
     assert not (out / "globe.json").exists() and not (out / "factors.safetensors").exists()
     assert sorted(p.name for p in (out / ".partial").glob("*.safetensors")) == ["gate.layer0.safetensors"]
-    run_cli(*args, "--resume")
-    assert_same_factors(reference[0], out)
-    assert step_runs(out) == step_runs(reference[0])
+    # an interrupted run is not a finished one: without --resume the folder is refused, with another config too
+    assert main(argv) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "already holds an interrupted run")
+    assert main([*argv, "--resume", "--seed", "4"]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "different config", "seed: 3 -> 4")
 
-
-def test_resume_after_kill_mid_run_gives_identical_factors(checkpoint, config_file, reference, tmp_path):
-    out = tmp_path / "out"
-    args = ["compress", checkpoint, "-o", out, "--config", config_file, *CLI_OPTIONS]
-    proc = run_cli(*args, env={"GLOBE_TEST_INTERRUPT_AFTER": "up/layer0@2:kill"}, check=False)
+    proc = run_cli(*args, "--resume", env={"GLOBE_TEST_INTERRUPT_AFTER": "up/layer0@2:kill"}, check=False)
     assert proc.returncode == -9
-    # killed inside the AM run of the third bank: two banks saved, that one's first steps logged
     assert sorted(p.name for p in (out / ".partial").glob("*.safetensors")) == [
         "gate.layer0.safetensors",
         "gate.layer1.safetensors",
     ]
-    assert step_runs(out)[("up", "layer0")] == [0, 1, 2]
-    # a killed run is not a finished one: without --resume the folder is refused, with another config too
-    argv = [str(a) for a in args]
-    assert main(argv) == 2
-    assert main([*argv, "--resume", "--seed", "4"]) == 2
-    run_cli(*args, "--resume")
+    assert step_runs(out)[("up", "layer0")] == [0, 1, 2]  # the cut run's first steps were logged
+
+    proc = run_cli(*args, "--resume")
+    assert "kept from the interrupted run" not in proc.stdout  # -q: no progress lines
     assert_same_factors(reference[0], out)
-    # the steps redone after the kill replace the cut run's records: one clean run per bank
     assert step_runs(out) == step_runs(reference[0])
+    assert json.loads((out / "run.json").read_text())["resumed"] is True
 
 
 def test_bad_argument_through_the_console_entry_point(checkpoint, tmp_path):
@@ -323,6 +319,11 @@ def bad_cases(ckpt, tmp, run, junk):
         "value out of range": (["compress", ckpt, "-o", out, "--eps", "2"], ["--eps: must be <= 0.5"]),
         "bad choice": (["compress", ckpt, "-o", out, "--scope", "model"], ["--scope", "invalid choice"]),
         "not a number": (["compress", ckpt, "-o", out, "--steps", "many"], ["--steps", "invalid int value"]),
+        "unknown seeding option": (
+            ["compress", ckpt, "-o", out, "--seeding-option", "colour=3"],
+            ["--seeding-option", "colour", "accepts"],
+        ),
+        "cuda without a GPU": (["compress", ckpt, "-o", out, "--device", "cuda"], ["--device", "no CUDA device"]),
         "missing -o": (["compress", ckpt], ["required", "-o/--out"]),
         "unknown option": (["compress", ckpt, "-o", out, "--colour"], ["unrecognized arguments: --colour"]),
         "unknown command": (["compres"], ["invalid choice: 'compres'"]),
@@ -354,6 +355,8 @@ CASES = [
     "value out of range",
     "bad choice",
     "not a number",
+    "unknown seeding option",
+    "cuda without a GPU",
     "missing -o",
     "unknown option",
     "unknown command",
@@ -367,6 +370,11 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_bad_arguments_get_one_line_errors(case, checkpoint, other_run, tmp_path, capsys):
     run, junk = other_run
+    if case == "cuda without a GPU":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
     argv, fragments = bad_cases(checkpoint, tmp_path, run, junk)[case]
     rc = main([str(a) for a in argv])
     captured = capsys.readouterr()

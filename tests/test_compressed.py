@@ -39,9 +39,7 @@ def _routed_gate_up_keys(keys: list[str]) -> list[str]:
     return [k for k in keys if ".experts." in k and "shared" not in k and k.endswith(_GATE_UP_SUFFIXES)]
 
 
-@pytest.mark.parametrize(
-    "arch,mode", [("qwen3_moe", "bank"), ("gpt_oss", "precomposed"), ("deepseek_v3", "bank")]
-)
+@pytest.mark.parametrize("arch,mode", [("qwen3_moe", "bank"), ("gpt_oss", "precomposed"), ("deepseek_v3", "bank")])
 def test_roundtrip_from_checkpoint_folder(arch, mode, tiny_checkpoint, copy_checkpoint, tmp_path):
     src = copy_checkpoint(tiny_checkpoint(arch))
     art = random_artifact(build_tiny_model(arch), seed=41)
@@ -71,6 +69,7 @@ def test_save_from_patched_model_and_generate(tmp_path):
     art = random_artifact(model, seed=43, scope="layer")
     patch_model(model, art, mode="bank")
     out = save_compressed(model, art, tmp_path / "c")
+    assert json.loads((out / "config.json").read_text())["globe"]["mode"] == "bank"  # the mode it was patched in
     keys = _saved_keys(out)
     assert not _routed_gate_up_keys(keys) and not any(".globe." in k for k in keys)
     n, p, d = 8, 32, 64
@@ -94,16 +93,25 @@ def test_load_bf16_and_bytes(tmp_path):
     report = memory_report(loaded)
     params = art.num_parameters()
     assert report["mode"] == "bank"
-    assert (
-        report["gate_up"]
-        == 2 * (params["banks"] + params["adapters"] + params["means"]) + 4 * params["codes"]
-    )
+    assert report["gate_up"] == 2 * (params["banks"] + params["adapters"] + params["means"]) + 4 * params["codes"]
     assert report["gate_up"] < memory_report(model)["gate_up"] / 2  # dense fp32 -> factors bf16
     with torch.no_grad():
-        out_ids = loaded.generate(
-            token_ids(batch=1, length=3), max_new_tokens=3, do_sample=False, pad_token_id=0
-        )
+        out_ids = loaded.generate(token_ids(batch=1, length=3), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out_ids.shape == (1, 6)
+
+
+def test_saved_dtype_and_tied_weights(tmp_path):
+    """A model cast after construction (config still says float32) loads back in the dtype it was saved in;
+    tied embeddings are written once and tied again on load."""
+    model = build_tiny_model("deepseek_v2", dtype=torch.bfloat16, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    out = save_compressed(model, random_artifact(model, seed=59), tmp_path / "c")
+    assert "lm_head.weight" not in _saved_keys(out)
+    loaded = load_compressed(out)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert find_experts(loaded)[0].module.globe.adapter_up.dtype == torch.bfloat16
 
 
 def test_overwrite_rules_and_bad_folders(tmp_path):
@@ -128,3 +136,26 @@ def test_overwrite_rules_and_bad_folders(tmp_path):
     with pytest.raises(ArtifactError):  # artifact of another model: refused before writing
         save_compressed(build_tiny_model("qwen2_moe", num_experts=4), art, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_trainer_artifact_end_to_end(tiny_checkpoint, tmp_path):
+    """A checkpoint compressed by the trainer API loads, matches its reconstruction and holds fewer bytes."""
+    import globe
+    from globe.inference import apply_reconstruction
+
+    src = tiny_checkpoint("qwen3_moe", structured=True)
+    art = globe.compress(src, tmp_path / "artifact", globe.GlobeConfig(steps=2))
+    out = save_compressed(src, tmp_path / "artifact", tmp_path / "c", mode="bank")
+    model = load_compressed(out)
+
+    from transformers import AutoModelForCausalLM
+
+    ref = apply_reconstruction(AutoModelForCausalLM.from_pretrained(src), art)
+    ids = token_ids(seed=25)
+    assert rel_err(logits(model, ids), logits(ref, ids)) <= FP32_RTOL
+    # bank-mode parameters in fp32, plus the -1 padding slots of the codes (a value and an index each)
+    pads = sum(int((t < 0).sum()) for k, t in art.tensors.items() if k.endswith(".indices"))
+    held = memory_report(model)["gate_up"]
+    assert held == 4 * art.num_parameters()["bank_mode"] + 8 * pads < memory_report(ref)["gate_up"]
+    with torch.no_grad():
+        assert model.generate(ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 10)

@@ -15,7 +15,9 @@ Each tolerance is shown able to fail: the original (unreconstructed) model is fa
 from __future__ import annotations
 
 import functools
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -120,9 +122,7 @@ def write_dense(module: torch.nn.Module, gate: torch.Tensor, up: torch.Tensor) -
         fused.copy_(torch.cat([gate, up], dim=1).to(fused.dtype))
 
 
-def reference_model(
-    arch: str, artifact: Artifact, dtype: torch.dtype = torch.float64, **kw
-) -> torch.nn.Module:
+def reference_model(arch: str, artifact: Artifact, dtype: torch.dtype = torch.float64, **kw) -> torch.nn.Module:
     """The tiny model in ``dtype`` with reconstruction-dense gate/up, served by transformers' eager loop."""
     model = build_tiny_model(arch, **kw).to(dtype)
     for site in find_experts(model):
@@ -296,6 +296,14 @@ def test_memory_shrinks_as_parameter_count_says(mode):
     assert not any(t.shape == (n, 2 * p, d) for t in model.state_dict().values())
 
 
+def test_original_weights_are_freed():
+    model = build_tiny_model("olmoe")
+    refs = [weakref.ref(site.module.gate_up_proj) for site in find_experts(model)]
+    patch_model(model, random_artifact(model), mode="bank")
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
 def test_memory_bf16_bank_mode():
     model = build_tiny_model("mixtral", dtype=torch.bfloat16)
     art = random_artifact(model, r=8, m=4, k=2, scope="layer")
@@ -379,9 +387,7 @@ def test_unpatch_restores_reconstruction_by_default(arch):
     unpatch_model(model)
     for site, ref_site in zip(find_experts(model), find_experts(ref)):
         assert site.module.gate_up_proj.dtype == torch.float32
-        torch.testing.assert_close(
-            site.module.gate_up_proj, ref_site.module.gate_up_proj, rtol=1e-5, atol=1e-7
-        )
+        torch.testing.assert_close(site.module.gate_up_proj, ref_site.module.gate_up_proj, rtol=1e-5, atol=1e-7)
     assert rel_err(logits(model, ids), logits(ref, ids)) <= FP32_RTOL
     with pytest.raises(ValueError):
         unpatch_model(model)
@@ -394,6 +400,90 @@ def test_apply_reconstruction_matches_reference_writer():
         apply_reconstruction(model, art)
         ref = reference_model(arch, art, torch.float32)
         for site, ref_site in zip(find_experts(model), find_experts(ref)):
-            torch.testing.assert_close(
-                site.module.gate_up_proj, ref_site.module.gate_up_proj, rtol=1e-5, atol=1e-7
-            )
+            torch.testing.assert_close(site.module.gate_up_proj, ref_site.module.gate_up_proj, rtol=1e-5, atol=1e-7)
+
+
+# --- the Triton path ----------------------------------------------------------------------------------------
+
+
+def _triton_interpreted() -> bool:
+    """Whether the Triton adapter_gemm runs in the interpreter here (TRITON_INTERPRET=1 before triton loaded)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    try:
+        from triton.runtime import interpreter
+
+        from globe_kernels.triton import adapter_gemm as agm
+    except Exception:
+        return False
+    return isinstance(agm._adapter_inner_kernel, interpreter.InterpretedFunction)
+
+
+@pytest.mark.skipif(not _triton_interpreted(), reason="needs TRITON_INTERPRET=1 set before triton is imported")
+@pytest.mark.parametrize("arch,mode", [("qwen3_moe", "bank"), ("gpt_oss", "precomposed")])
+def test_expert_forward_through_triton_interpreter(arch, mode):
+    """The patched experts module with adapter_gemm forced to the Triton kernels (interpreted on CPU)."""
+    from globe_kernels import ops
+
+    model = build_tiny_model(arch, num_layers=1)
+    art = random_artifact(model, seed=37, pad=True)
+    ref = reference_model(arch, art, torch.float64, num_layers=1)
+    patch_model(model, art, mode=mode)
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(6, 64, generator=gen)
+    idx = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(6)])
+    w = torch.rand(6, 2, generator=gen)
+    ops.reset_counts()
+    with ops.use_backend("triton", "adapter_gemm"), torch.no_grad():
+        got = model.model.layers[0].mlp.experts(x, idx, w)
+    assert ops.backend_counts()["adapter_gemm"] == {"triton": 1}
+    want = ref.model.layers[0].mlp.experts(x.double(), idx, w.double())
+    assert rel_err(got, want) <= 2e-5  # the kernel's own fp32 parity bound
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("mode", MODES)
+def test_patched_matches_reconstruction_cuda(arch, mode):
+    """The fp32 correctness test on CUDA, where adapter_gemm runs the Triton kernels."""
+    from globe_kernels import ops
+
+    art, ids, ref, _ = _case(arch)
+    model = patch_model(build_tiny_model(arch).cuda(), art, mode=mode)
+    ops.reset_counts()
+    out = logits(model, ids.cuda()).cpu()
+    assert set(ops.backend_counts()["adapter_gemm"]) == {"triton"}
+    assert rel_err(out, ref) <= FP32_RTOL
+
+
+# --- size table -------------------------------------------------------------------------------------------------
+
+
+def test_expert_bytes_by_hand():
+    from globe.inference.sizes import ModelShape, expert_bytes, render_size_table
+
+    s = ModelShape("toy", num_experts=8, hidden_size=16, expert_dim=12, top_k=2, moe_layers=3, num_layers=4)
+    b = expert_bytes(s)  # r = 12/2 = 6 of min(p, d) = 12; m = (8*3)/4 = 6 atoms in one global bank
+    assert (b["r"], b["m"]) == (6, 6)
+    assert b["dense"] == 2 * 3 * 8 * 12 * 16 * 2
+    assert b["adapters"] == 2 * 3 * 8 * 12 * 6 * 2 and b["composed"] == 2 * 3 * 8 * 6 * 16 * 2
+    assert b["banks"] == 2 * 6 * 6 * 16 * 2 and b["means"] == 2 * 12 * 16 * 2
+    assert b["codes"] == 2 * 3 * 8 * 4 * 8
+    assert b["bank"] == b["banks"] + b["adapters"] + b["codes"] + b["means"]
+    assert b["read_bank"] == 2 * 3 * (6 * 6 * 16 + 2 * 12 * 6) * 2  # min(m=6, k*support=8) atoms
+    layer = expert_bytes(s, scope="layer")  # L banks of n/4 atoms: same bank bytes, L means
+    assert layer["m"] == 2 and layer["banks"] == b["banks"] and layer["means"] == 3 * b["means"]
+    # Mixtral: p > d, so r is half of d, not of p
+    mixtral = ModelShape("Mixtral-8x7B", 8, 4096, 14336, 2, 32, 32)
+    assert expert_bytes(mixtral)["r"] == 2048
+    # Qwen3-30B-A3B: precomposed / dense = r (p + d) / (p d) and bank mode ~0.31 (design table)
+    qwen = ModelShape("Qwen3-30B-A3B", 128, 2048, 768, 8, 48, 48)
+    q = expert_bytes(qwen, mean=False)
+    assert q["precomposed"] / q["dense"] == pytest.approx(384 * (768 + 2048) / (768 * 2048))
+    assert q["bank"] / q["dense"] == pytest.approx(0.31, abs=0.01)
+    table = render_size_table([s, qwen])
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 3  # header + 2 rows
+    assert "| Qwen3-30B-A3B (128, 2048, 768, 8, 48) | 384 | 1536 |" in table

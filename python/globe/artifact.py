@@ -81,7 +81,9 @@ class Artifact:
 
     def codes(self, family: str, layer: int) -> SparseCodes:
         self._check(family, layer)
-        return SparseCodes(self._get(f"codes.{family}.{layer}.indices"), self._get(f"codes.{family}.{layer}.values"))
+        return SparseCodes(
+            self._get(f"codes.{family}.{layer}.indices"), self._get(f"codes.{family}.{layer}.values")
+        )
 
     def alpha(self, family: str, layer: int) -> torch.Tensor:
         """Dense codes [n, m]."""
@@ -128,7 +130,9 @@ class Artifact:
         means = sum(t.numel() for k, t in self.tensors.items() if k.startswith("mean."))
         adapters = sum(t.numel() for k, t in self.tensors.items() if k.startswith("adapter."))
         codes = sum(
-            2 * int((t >= 0).sum()) for k, t in self.tensors.items() if k.startswith("codes.") and k.endswith("indices")
+            2 * int((t >= 0).sum())
+            for k, t in self.tensors.items()
+            if k.startswith("codes.") and k.endswith("indices")
         )
         composed = n_layers * n_fam * s["n"] * s["r"] * s["d"]
         return {
@@ -177,7 +181,10 @@ class Artifact:
                 }
                 mean = self.mean(family, layer)
                 if mean is not None:
-                    expect[f"mean.{family}.{scope_id(self.scope, layer)}"] = (tuple(mean.shape), (s["p"], s["d"]))
+                    expect[f"mean.{family}.{scope_id(self.scope, layer)}"] = (
+                        tuple(mean.shape),
+                        (s["p"], s["d"]),
+                    )
                 for key, (got, want) in expect.items():
                     if got != want:
                         raise ArtifactError(f"tensor {key!r} has shape {got}, expected {want}")
@@ -211,7 +218,9 @@ class Artifact:
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, verify: bool = True, device: str | torch.device = "cpu") -> Artifact:
+    def load(
+        cls, path: str | os.PathLike, *, verify: bool = True, device: str | torch.device = "cpu"
+    ) -> Artifact:
         """Read an artifact folder; raises ArtifactError naming the file and what was expected."""
         from safetensors import safe_open
 

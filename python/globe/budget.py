@@ -20,7 +20,8 @@ error estimates the full fit at the same r and sharing. The error is the relativ
 sampled weights themselves (mean term included), over the layers for scope "layer". The fit is
 :func:`globe.am.fit_bank` with ``steps=search_steps`` (or, with ``fitter="quick"`` or when the trainer cannot
 run, :func:`globe.refine.linear_warm_start`; the choice records which). The candidate with the lowest
-sampled error wins; candidates not scored within ``time_limit`` seconds are recorded as skipped.
+sampled error wins; candidates not scored within ``time_limit`` seconds are recorded as skipped (the first
+feasible one is always scored).
 """
 
 from __future__ import annotations
@@ -228,10 +229,11 @@ def choose_by_budget(
 
     used = fitter
     gen = torch.Generator().manual_seed(base.seed)
+    n_scored = 0
     for cand in candidates:
         if cand["status"] != "pending":
             continue
-        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+        if time_limit is not None and n_scored and time.perf_counter() - t0 > time_limit:
             cand["status"] = "skipped"
             continue
         t = time.perf_counter()
@@ -245,6 +247,7 @@ def choose_by_budget(
         cand["rel_error"] = math.sqrt(err / max(energy, 1e-300))
         cand["fit_time_s"] = time.perf_counter() - t
         cand["status"] = "scored"
+        n_scored += 1
 
     scored = sorted((c for c in candidates if c["status"] == "scored"), key=lambda c: c["rel_error"])
     if not scored:

@@ -116,8 +116,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of config keys, got {type(data).__name__}")
-    if "config" in data and isinstance(data["config"], dict) and MANIFEST == path.name:
-        data = data["config"]  # an artifact manifest: reuse its config
+    if path.name == MANIFEST and isinstance(data.get("config"), dict):
+        # an artifact manifest: reuse its config, without what the run derived (resolved sizes, fingerprint)
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(_config_module().GlobeConfig)}
+        data = {k: v for k, v in data["config"].items() if k in names}
     return data
 
 
@@ -146,8 +150,7 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
     "seeding_options": (
         ("--seeding-option",),
         "KEY=VALUE",
-        "keyword argument of the warm start (repeatable; VALUE is read as JSON when it parses, else as a "
-        "string)",
+        "keyword argument of the warm start (repeatable; VALUE is read as JSON when it parses, else as a string)",
     ),
     "sparsity": (
         ("--sparsity",),
@@ -193,6 +196,12 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
         ("--weight-aware",),
         None,
         "fit codes and bank against the true objective sum_i ||W_i - A_i sum_j alpha_ij B_j||^2",
+    ),
+    "refresh_targets": (
+        ("--refresh-targets",),
+        None,
+        "after the first step, replace the fixed proxies by each expert's least-squares right factor given its "
+        "adapter (proxy mode)",
     ),
     "pg_iters": (("--pg-iters",), "N", "projected-gradient iterations of the weight-aware code update"),
     "kmeans_iters": (("--kmeans-iters",), "N", "Lloyd iterations of the initial k-means bank"),
@@ -316,6 +325,28 @@ def _name_option(message: str, args: argparse.Namespace) -> str:
     return f"config key {name}{where}: {rest}"
 
 
+def check_before_writing(config: Any) -> None:
+    """Catch what would only fail once the fit runs: the device, the warm start's options."""
+    import torch
+
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device: {config.device} was asked for, but torch sees no CUDA device")
+    try:
+        from globe.seeding import SEEDERS, _options_of
+    except ImportError:  # an older seeding package: it checks its own options when it runs
+        return
+    if config.seeding not in SEEDERS:
+        raise UsageError(f"--seeding: unknown method {config.seeding!r}; known: {', '.join(SEEDERS)}")
+    known = list(_options_of(SEEDERS[config.seeding]))
+    unknown = sorted(set(config.seeding_options) - set(known))
+    if unknown:
+        raise UsageError(
+            f"--seeding-option: {', '.join(unknown)} is not an option of the {config.seeding} warm start; "
+            f"it accepts: {', '.join(known) or 'none'}"
+        )
+
+
 def check_sizes(config: Any, ckpt: Any) -> tuple[int, int, int]:
     """r, m for the checkpoint's shapes: (r, m, n in the bank's scope); UsageError if too big."""
     p, d = ckpt.expert_dim, ckpt.hidden_size
@@ -326,9 +357,7 @@ def check_sizes(config: Any, ckpt: Any) -> tuple[int, int, int]:
         raise UsageError(f"--r: {config.r} is larger than {which} for the experts of {ckpt.path}")
     if isinstance(config.m, int) and config.m > n:
         where = "all MoE layers" if config.scope == "global" else "one layer (--scope layer)"
-        raise UsageError(
-            f"--m: {config.m} atoms is more than the n={n} experts of {where} that share the bank"
-        )
+        raise UsageError(f"--m: {config.m} atoms is more than the n={n} experts of {where} that share the bank")
     return config.resolve_r(p, d), config.resolve_m(n), n
 
 
@@ -347,9 +376,7 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def prepare_output(
-    out: Path, config: Any, checkpoint: Path, *, resume: bool, overwrite: bool
-) -> tuple[bool, bool]:
+def prepare_output(out: Path, config: Any, checkpoint: Path, *, resume: bool, overwrite: bool) -> tuple[bool, bool]:
     """Decide what to do with the output folder: (resume the run there?, is that run already complete?).
 
     An existing run (run.json, compress_config.json, .partial/ or globe.json present) is continued only with
@@ -386,9 +413,7 @@ def prepare_output(
         )
     # the device changes where the fit runs, not its result: a run may be resumed on another device
     new_config = {k: v for k, v in config.to_dict().items() if k != "device"}
-    old_config = (
-        {k: v for k, v in old_config.items() if k != "device"} if isinstance(old_config, dict) else None
-    )
+    old_config = {k: v for k, v in old_config.items() if k != "device"} if isinstance(old_config, dict) else None
     diff = _config_diff(old_config, new_config) if old_config is not None else ["no saved config"]
     if diff:
         raise UsageError(
@@ -398,8 +423,7 @@ def prepare_output(
     old_ckpt = old_run.get("checkpoint")
     if old_ckpt is not None and Path(old_ckpt) != checkpoint:
         raise UsageError(
-            f"--resume: {out} holds a run of checkpoint {old_ckpt}, not {checkpoint}; use another folder or "
-            "--overwrite"
+            f"--resume: {out} holds a run of checkpoint {old_ckpt}, not {checkpoint}; use another folder or --overwrite"
         )
     return True, complete
 
@@ -468,14 +492,11 @@ class Progress:
                 self.first_error[part] = err
                 took = now - self.t_part.get(part, now)
                 self.write(
-                    f"{label}: experts read, warm start and initial bank in {_fmt_seconds(took)} "
-                    f"(rel. error {err:.4f})"
+                    f"{label}: experts read, warm start and initial bank in {_fmt_seconds(took)} (rel. error {err:.4f})"
                 )
                 self.t_last = now
                 self._close_am()
-                self.am_bar = self._bar(
-                    total=self.steps, desc=f"{label} AM", unit="step", position=1, leave=False
-                )
+                self.am_bar = self._bar(total=self.steps, desc=f"{label} AM", unit="step", position=1, leave=False)
                 if self.parts_bar is not None:
                     self.parts_bar.set_postfix_str(f"{label}: alternating minimisation", refresh=True)
             if self.am_bar is not None:
@@ -601,9 +622,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         idx = device.index or 0
         props = torch.cuda.get_device_properties(idx)
-        desc = (
-            f"cuda:{idx} {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
-        )
+        desc = f"cuda:{idx} {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
     elif device.type == "cuda":
         raise UsageError("--device: CUDA was asked for but torch sees no CUDA device")
     else:
@@ -681,14 +700,10 @@ def _make_sinks(out: Path, config: Any, args: argparse.Namespace, sweep: dict[st
     if args.wandb:
         try:
             sinks.append(
-                logs.WandbSink(
-                    args.wandb_project, {**config.to_dict(), **sweep}, offline_if_no_credentials=True
-                )
+                logs.WandbSink(args.wandb_project, {**config.to_dict(), **sweep}, offline_if_no_credentials=True)
             )
         except ImportError:
-            raise UsageError(
-                "--wandb: the wandb package is not installed (pip install 'globe-moe[wandb]')"
-            ) from None
+            raise UsageError("--wandb: the wandb package is not installed (pip install 'globe-moe[wandb]')") from None
     return [_SweepKeyed(sink, sweep) for sink in sinks]
 
 
@@ -756,6 +771,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     ckpt = open_checkpoint(checkpoint)
     r, m, n = check_sizes(config, ckpt)
+    check_before_writing(config)
     resume, complete = prepare_output(out, config, checkpoint, resume=args.resume, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -782,8 +798,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         say(f"{out} already holds the finished run with this config; nothing to redo")
         artifact = load_artifact(out)
         times = {
-            tuple(k.split("/", 1)): v
-            for k, v in ((_read_json(out / SUMMARY_FILE) or {}).get("times", {})).items()
+            tuple(k.split("/", 1)): v for k, v in ((_read_json(out / SUMMARY_FILE) or {}).get("times", {})).items()
         }
     else:
         from globe.compress import compress
@@ -865,7 +880,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         modes = ["precomposed", "bank"] if args.mode == "both" else [args.mode]
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
         agreement = output_agreement(
-            checkpoint, artifact, modes=modes, max_tokens=args.max_tokens, dtype=dtype
+            checkpoint, artifact, modes=modes, max_tokens=args.max_tokens, dtype=dtype, device=args.device
         )
         print()
         print(format_agreement(agreement))
@@ -874,7 +889,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (out / METRICS_FILE).exists() or (out / SUMMARY_FILE).exists():
         from globe.report import write_report
 
-        print(f"report:   {write_report(out)} (updated with these results)")
+        print(f"report:   {write_report(out, replot=False)} (updated with these results)")
     return 0
 
 
@@ -985,9 +1000,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="precision of both models (default: float32)",
     )
-    p.add_argument(
-        "--no-model", action="store_true", help="reconstruction errors only; do not load the model"
-    )
+    p.add_argument("--device", help="device of both models, e.g. cuda (default: cpu)")
+    p.add_argument("--no-model", action="store_true", help="reconstruction errors only; do not load the model")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -1037,8 +1051,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("GLOBE_DEBUG"):
             raise
         print(
-            f"{PROG}: internal error: {type(exc).__name__}: {_one_line(exc)} "
-            "(set GLOBE_DEBUG=1 for the traceback)",
+            f"{PROG}: internal error: {type(exc).__name__}: {_one_line(exc)} (set GLOBE_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         return 1

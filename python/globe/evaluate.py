@@ -234,9 +234,7 @@ def load_model(folder: str | Path, dtype: Any = None) -> Any:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     except Exception as exc:
-        raise CheckpointError(
-            f"{folder}: transformers cannot load the model ({type(exc).__name__}: {exc})"
-        ) from None
+        raise CheckpointError(f"{folder}: transformers cannot load the model ({type(exc).__name__}: {exc})") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -266,6 +264,7 @@ def output_agreement(
     modes: Iterable[str] = MODES,
     max_tokens: int = 256,
     dtype: Any = None,
+    device: Any = None,
     text: str | None = None,
     model: Any = None,
 ) -> dict[str, Any]:
@@ -273,7 +272,8 @@ def output_agreement(
 
     Returns {"tokens", "tokenization", "original": {"perplexity"}, "modes": {mode: {"logit_rel_error",
     "top1_agreement", "perplexity", "memory"}}}. The model is patched in place and restored between modes
-    (reloaded when the inference package offers no unpatch). ``model`` may be a loaded model to reuse.
+    (reloaded when the inference package offers no unpatch). ``device``: where both models run (default: where
+    the model loads, the CPU). ``model`` may be a loaded model to reuse.
     """
     import torch
 
@@ -285,6 +285,8 @@ def output_agreement(
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if model is None:
         model = load_model(checkpoint, dtype)
+    if device is not None:
+        model = model.to(device)
     vocab = int(model.config.vocab_size)
     limit = max_tokens
     positions = _max_positions(model)
@@ -293,7 +295,7 @@ def output_agreement(
     ids_list, how = tokenize(checkpoint, text if text is not None else sample_text(), vocab, limit)
     if len(ids_list) < 2:
         raise ConfigError("the evaluation text gives fewer than 2 tokens; nothing to predict")
-    ids = torch.tensor([ids_list], dtype=torch.long)
+    ids = torch.tensor([ids_list], dtype=torch.long, device=next(model.parameters()).device)
     with torch.no_grad():
         ref = model(input_ids=ids).logits.double()
     result: dict[str, Any] = {
@@ -307,6 +309,8 @@ def output_agreement(
     for i, mode in enumerate(modes):
         if i > 0 and unpatch is None:
             model = load_model(checkpoint, dtype)
+            if device is not None:
+                model = model.to(device)
         if unpatch is not None:
             # keep the original gate/up weights (in CPU memory) so that unpatching restores them exactly
             inference.patch_model(model, artifact, mode=mode, keep_original=True)

@@ -186,6 +186,34 @@ def _adapter_solve(Z: torch.Tensor, Bt: torch.Tensor, lam: float) -> torch.Tenso
     return A
 
 
+def _perp(Bt: torch.Tensor, lam: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """X -> X (I - P_i), P_i the (ridge-regularised) projection onto the row space of B~_i: the Kaufman
+    variable-projection factor of the Jacobian once the adapters are eliminated. X [N, r, d] or [N, c, r, d]."""
+    G = Bt @ Bt.transpose(1, 2)
+    r = G.shape[1]
+    ridge = max(float(lam) * float(G.diagonal(dim1=1, dim2=2).sum(1).mean()) / r,
+                float(torch.finfo(G.dtype).tiny))
+    G = G + ridge * torch.eye(r, dtype=G.dtype, device=G.device)
+    L, info = torch.linalg.cholesky_ex(G)
+    GiB = torch.cholesky_solve(Bt, L) if not bool(info.any()) else torch.linalg.lstsq(G, Bt).solution
+    BtT = Bt.transpose(1, 2)
+
+    def perp(X: torch.Tensor) -> torch.Tensor:
+        if X.dim() == 4:
+            return X - (X @ BtT[:, None]) @ GiB[:, None]
+        return X - (X @ BtT) @ GiB
+
+    return perp
+
+
+def _exact(Z: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, phi: str,
+           lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A*, F_i) with the adapters solved exactly for the given bank and codes."""
+    Bt = apply_phi(_mix(bank, alpha), phi)
+    A = _adapter_solve(Z, Bt, lam)
+    return A, _per_expert(Z, A, Bt)
+
+
 @dataclass
 class _State:
     A: torch.Tensor
@@ -226,9 +254,10 @@ def _qp_simplex(g: torch.Tensor, H: torch.Tensor, x0: torch.Tensor, mask: torch.
 
 
 def _codes_step(Z, st: _State, phi: str, kmax: int, extra: int, damp: torch.Tensor, F_old: torch.Tensor,
-                chunk_elems: int, qp_iters: int, force: torch.Tensor | None = None) -> torch.Tensor:
-    """One damped Gauss-Newton step on the codes of every expert (see the module docstring); updates st.alpha
-    and damp in place, returns the new F_i."""
+                chunk_elems: int, qp_iters: int, lam_A: float, force: torch.Tensor | None = None) -> torch.Tensor:
+    """One damped Gauss-Newton step on the codes of every expert, the adapters eliminated (variable
+    projection: the Gauss-Newton matrix uses the Jacobian times (I - P_i), the step is judged with the adapters
+    re-solved exactly); updates st.alpha, st.A and damp in place, returns the new F_i."""
     N, m = st.alpha.shape
     _, r, d = st.bank.shape
     U = _mix(st.bank, st.alpha)
@@ -252,8 +281,9 @@ def _codes_step(Z, st: _State, phi: str, kmax: int, extra: int, damp: torch.Tens
     step = max(1, chunk_elems // max(1, c * r * d))
     for lo in range(0, N, step):
         hi = min(N, lo + step)
+        perp = _perp(Bt[lo:hi], lam_A)
         D = dphi[lo:hi, None] * st.bank[cand[lo:hi]]  # [n, c, r, d]
-        GD = GA[lo:hi, None] @ D
+        GD = perp(GA[lo:hi, None] @ D)
         H[lo:hi] = 2 * D.reshape(hi - lo, c, -1) @ GD.reshape(hi - lo, c, -1).transpose(1, 2)
         del D, GD
     diag = H.diagonal(dim1=1, dim2=2)
@@ -264,11 +294,12 @@ def _codes_step(Z, st: _State, phi: str, kmax: int, extra: int, damp: torch.Tens
     keep |= torch.zeros_like(cmask).scatter_(1, x.argmax(1, keepdim=True), True)  # never empty
     x = _qp_simplex(g_c, Hd, torch.where(keep, x, torch.zeros_like(x)), keep, qp_iters // 2 + 1)
     new_alpha = torch.zeros_like(st.alpha).scatter_(1, cand, x)
-    F_new = _per_expert(Z, st.A, apply_phi(_mix(st.bank, new_alpha), phi))
+    A_new, F_new = _exact(Z, st.bank, new_alpha, phi, lam_A)
     ok = F_new < F_old
     if force is not None:
         ok |= force
     st.alpha = torch.where(ok[:, None], new_alpha, st.alpha)
+    st.A = torch.where(ok[:, None, None], A_new, st.A)
     damp.copy_(torch.where(ok, (damp / 3).clamp_min(1e-6), (damp * 10).clamp_max(1e6)))
     return torch.where(ok, F_new, F_old)
 
@@ -296,12 +327,14 @@ def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: 
     return x
 
 
-def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: str):
+def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: str, lam_A: float | None = None):
     """Gradient of F in the bank, the Gauss-Newton product V -> JᵀJ V and a diagonal scale D [m].
 
     With U_i = Σ_j w_ij B_j, B~_i = φ(U_i), GA_i = A_iᵀ A_i: dF/dB_j = Σ_i w_ij φ'(U_i) ⊙ 2(GA_i B~_i - A_iᵀ
     Z_i); JᵀJ V = 2 Σ_i w_ij φ'(U_i) ⊙ GA_i (φ'(U_i) ⊙ Σ_k w_ik V_k) (the JVP is one ``ops.compose``). D_j =
-    2 Σ_i w_ij² tr(GA_i)/r mean(φ'²), a cheap stand-in for the diagonal of JᵀJ, scales the damping.
+    2 Σ_i w_ij² tr(GA_i)/r mean(φ'²), a cheap stand-in for the diagonal of JᵀJ, scales the damping. With lam_A
+    the product is that of the variable-projection (Kaufman) Jacobian, GA_i (...) (I - P_i) (adapters
+    eliminated).
     """
     N = w.shape[0]
     U = _mix(bank, w)
@@ -313,26 +346,29 @@ def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: s
     del gU
     trGA = GA.diagonal(dim1=1, dim2=2).sum(1) / GA.shape[1]
     D = 2 * ((w.pow(2) * trGA[:, None]).sum(0) * float(dphi.pow(2).mean())).clamp_min(1e-30)
+    perp = _perp(apply_phi(_mix(bank, w), phi), lam_A) if lam_A is not None else (lambda X: X)
 
     def gn(V: torch.Tensor) -> torch.Tensor:
         dB = dphi * _mix(V, w)
-        return 2 * (w.T @ (dphi * (GA @ dB)).reshape(N, -1)).reshape(V.shape)
+        return 2 * (w.T @ (dphi * perp(GA @ dB)).reshape(N, -1)).reshape(V.shape)
 
     return grad, gn, D
 
 
-def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, cg_iters: int,
+def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, cg_iters: int, lam_A: float,
                tries: int = 4) -> torch.Tensor:
-    """Levenberg-Marquardt step on the bank (Gauss-Newton normal equations by CG); lam[0] is the damping."""
-    grad, gn, D = _bank_system(Z, st.A, st.bank, st.alpha, phi)
+    """Levenberg-Marquardt step on the bank, adapters eliminated (variable projection: Gauss-Newton normal
+    equations with the Kaufman Jacobian, by CG; the step is judged with the adapters re-solved exactly);
+    lam[0] is the damping."""
+    grad, gn, D = _bank_system(Z, st.A, st.bank, st.alpha, phi, lam_A)
     F_tot = float(F_old.sum())
     for _ in range(tries):
         damp = lam[0] * D[:, None, None]
         delta = _cg(lambda V, damp=damp: gn(V) + damp * V, -grad, cg_iters, 1e-4)
         bank_new = st.bank + delta
-        F_new = _per_expert(Z, st.A, apply_phi(_mix(bank_new, st.alpha), phi))
+        A_new, F_new = _exact(Z, bank_new, st.alpha, phi, lam_A)
         if float(F_new.sum()) < F_tot:
-            st.bank = bank_new
+            st.bank, st.A = bank_new, A_new
             lam[0] = max(lam[0] / 3, 1e-8)
             return F_new
         lam[0] = min(lam[0] * 8, 1e8)
@@ -369,7 +405,7 @@ def fit_frozen(Z: torch.Tensor, bank: torch.Tensor, phi: str, kmax: int, *, iter
         Fi = _adapter_step(Z, st, phi, lambda_A, Fi if A is not None else torch.full_like(Fi, float("inf")))
         A = st.A
         force = (st.alpha > 0).sum(1) > kmax
-        Fi = _codes_step(Z, st, phi, kmax, kmax, damp, Fi, chunk_elems, qp_iters, force=force)
+        Fi = _codes_step(Z, st, phi, kmax, kmax, damp, Fi, chunk_elems, qp_iters, lambda_A, force=force)
     Fi = _adapter_step(Z, st, phi, lambda_A, Fi)
     return st.alpha, st.A, Fi
 
@@ -554,8 +590,8 @@ def refine(
         if method == "gn":
             Zt = target(W)
             extra = kmax if support_reselect else 0
-            Fi = _codes_step(Zt, st, phi, kmax, extra, damp_c, Fi, chunk_elems, qp_iters)
-            Fi = _bank_step(Zt, st, phi, lam_b, Fi, cg_iters)
+            Fi = _codes_step(Zt, st, phi, kmax, extra, damp_c, Fi, chunk_elems, qp_iters, lambda_A)
+            Fi = _bank_step(Zt, st, phi, lam_b, Fi, cg_iters, lambda_A)
             Fi = _adapter_step(Zt, st, phi, lambda_A, Fi)
             if fit_mean and st.mean is not None:
                 _mean_step(W, st, phi)

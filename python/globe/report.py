@@ -80,9 +80,7 @@ def _num(rec: dict[str, Any], *keys: str) -> float | None:
     return None
 
 
-def _series(
-    records: Sequence[dict[str, Any]], *keys: str
-) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
+def _series(records: Sequence[dict[str, Any]], *keys: str) -> dict[tuple[str, str], tuple[list[int], list[float]]]:
     out: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
     for rec in records:
         step = step_of(rec)
@@ -122,9 +120,7 @@ def _part_style(parts: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict[
 # --- plots --------------------------------------------------------------------------------------------------
 
 
-def _figure(
-    width: float = 7.0, height: float = 4.0, *, left: float = 0.9, bottom: float = 0.6, top: float = 0.4
-):
+def _figure(width: float = 7.0, height: float = 4.0, *, left: float = 0.9, bottom: float = 0.6, top: float = 0.4):
     """A figure with fixed margins in inches (cheaper than an automatic layout engine, which draws twice)."""
     import matplotlib
 
@@ -149,6 +145,12 @@ def _integer_x(ax: Any) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _integer_y(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -245,10 +247,7 @@ def plot_temperature_support(records: Sequence[dict[str, Any]], path: Path) -> P
 def _support_sizes(artifact: Any) -> dict[str, list[int]]:
     from globe.evaluate import support_sizes
 
-    return {
-        f: [s for layer in artifact.layers for s in support_sizes(artifact, f, layer)]
-        for f in artifact.families
-    }
+    return {f: [s for layer in artifact.layers for s in support_sizes(artifact, f, layer)] for f in artifact.families}
 
 
 def plot_support_histogram(artifact: Any, path: Path) -> Path | None:
@@ -267,6 +266,7 @@ def plot_support_histogram(artifact: Any, path: Path) -> Path | None:
         xs = [i + (k - (len(families) - 1) / 2) * width for i in range(top + 1)]
         ax.bar(xs, counts, width=width, label=family, color=_COLORS.get(family, f"C{k}"))
     ax.set_xticks(range(top + 1))
+    _integer_y(ax)
     ax.set_xlabel("atoms mixed by an expert |supp(alpha_i)|")
     ax.set_ylabel("experts")
     ax.set_title("Support sizes of the final codes (all layers)")
@@ -306,9 +306,7 @@ def plot_atom_popularity(artifact: Any, path: Path) -> Path | None:
             counts = sorted(usage[banks[0]], reverse=True)
             ax.bar(range(len(counts)), counts, color=_COLORS.get(family, "C0"))
             unused = sum(c == 0 for c in counts)
-            ax.set_title(
-                f"{family}: experts per atom, most used first ({len(counts)} atoms, {unused} unused)"
-            )
+            ax.set_title(f"{family}: experts per atom, most used first ({len(counts)} atoms, {unused} unused)")
         else:
             style = _part_style(banks)
             for bank in banks:
@@ -321,6 +319,7 @@ def plot_atom_popularity(artifact: Any, path: Path) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
     for ax in axes:
         _integer_x(ax)
+        _integer_y(ax)
     axes[-1].set_xlabel("atom rank")
     return _save(fig, path)
 
@@ -363,8 +362,10 @@ def _last_per_part(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], d
     return last
 
 
-def write_report(out_dir: str | Path) -> Path:
-    """Write ``report.md`` and ``plots/*.png`` into a run's output folder; returns the report's path."""
+def write_report(out_dir: str | Path, *, replot: bool = True) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` into a run's output folder; returns the report's path.
+
+    ``replot=False`` keeps plots already there (``globe eval`` adds a section to the text, not to the plots)."""
     out = Path(out_dir)
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -378,17 +379,17 @@ def write_report(out_dir: str | Path) -> Path:
         artifact = load_artifact(out, verify=False)
     rows = summary.get("rows") or (evaluation or {}).get("reconstruction") or []
 
-    made: dict[str, Path | None] = {
-        "rel_error_per_layer": plot_error_per_layer(rows, plots_dir / "rel_error_per_layer.png"),
-        "error_vs_step": plot_error_vs_step(records, plots_dir / "error_vs_step.png"),
-        "temperature_support": plot_temperature_support(records, plots_dir / "temperature_support.png"),
-        "support_histogram": plot_support_histogram(artifact, plots_dir / "support_histogram.png")
-        if artifact is not None
-        else None,
-        "atom_popularity": plot_atom_popularity(artifact, plots_dir / "atom_popularity.png")
-        if artifact is not None
-        else None,
+    makers = {
+        "rel_error_per_layer": lambda path: plot_error_per_layer(rows, path),
+        "error_vs_step": lambda path: plot_error_vs_step(records, path),
+        "temperature_support": lambda path: plot_temperature_support(records, path),
+        "support_histogram": lambda path: plot_support_histogram(artifact, path) if artifact is not None else None,
+        "atom_popularity": lambda path: plot_atom_popularity(artifact, path) if artifact is not None else None,
     }
+    made: dict[str, Path | None] = {}
+    for key, make in makers.items():
+        path = plots_dir / f"{key}.png"
+        made[key] = path if not replot and path.is_file() else make(path)
 
     md: list[str] = ["# GloBE compression report", ""]
     source = (artifact.source if artifact is not None else {}) or {}
@@ -400,9 +401,7 @@ def write_report(out_dir: str | Path) -> Path:
         facts.append(("architecture", source["arch"]))
     if artifact is not None:
         s = artifact.shape
-        facts.append(
-            ("experts", f"{len(artifact.layers)} MoE layers x {s['n']} experts, p={s['p']}, d={s['d']}")
-        )
+        facts.append(("experts", f"{len(artifact.layers)} MoE layers x {s['n']} experts, p={s['p']}, d={s['d']}"))
         facts.append(
             (
                 "factors",

@@ -20,6 +20,7 @@ from globe.inference.patch import (
     globe_experts_forward,
     is_patched,
     patch_model,
+    patched_mode,
     register_implementation,
     unpatch_model,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "load_compressed",
     "memory_report",
     "patch_model",
+    "patched_mode",
     "register_implementation",
     "save_compressed",
     "unpatch_model",

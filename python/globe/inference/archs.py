@@ -48,9 +48,9 @@ class ExpertsSite:
 
 def _uses_registry(module: nn.Module) -> bool:
     # the decorator sets these flags on the instance and wraps forward (functools.wraps keeps __wrapped__)
-    return all(
-        hasattr(module, a) for a in ("is_transposed", "is_concatenated", "has_bias", "has_gate")
-    ) and hasattr(type(module).forward, "__wrapped__")
+    return all(hasattr(module, a) for a in ("is_transposed", "is_concatenated", "has_bias", "has_gate")) and hasattr(
+        type(module).forward, "__wrapped__"
+    )
 
 
 def find_experts(model: nn.Module) -> list[ExpertsSite]:
@@ -68,14 +68,10 @@ def find_experts(model: nn.Module) -> list[ExpertsSite]:
                 "(use_experts_implementation); GloBE serves the 3-D experts modules of transformers >= 5"
             )
         if not getattr(module, "has_gate", True):
-            raise ArtifactError(
-                f"{name} ({type(module).__name__}) has no gate projection; GloBE needs gate and up"
-            )
+            raise ArtifactError(f"{name} ({type(module).__name__}) has no gate projection; GloBE needs gate and up")
         sites.append(ExpertsSite(name, int(match.group("layer")), module))
     if not sites:
-        raise ArtifactError(
-            f"{type(model).__name__} has no routed-experts modules (no '...layers.L.*.experts')"
-        )
+        raise ArtifactError(f"{type(model).__name__} has no routed-experts modules (no '...layers.L.*.experts')")
     sites.sort(key=lambda s: s.layer)
     return sites
 

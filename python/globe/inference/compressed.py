@@ -30,7 +30,7 @@ from torch import nn
 from globe.artifact import Artifact, write_json_atomic
 from globe.errors import ArtifactError
 from globe.inference.archs import find_experts
-from globe.inference.patch import MODES, check_compatible, patch_model
+from globe.inference.patch import MODES, check_compatible, patch_model, patched_mode
 
 __all__ = ["FORMAT", "VERSION", "save_compressed", "load_compressed", "is_compressed"]
 
@@ -84,16 +84,17 @@ def save_compressed(
     artifact: Artifact | str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    mode: str = "precomposed",
+    mode: str | None = None,
 ) -> Path:
     """Write a compressed checkpoint folder (see the module docstring); returns its path.
 
     ``model_dir_or_model``: a checkpoint folder (loaded on CPU in its own dtype) or a loaded model, patched or
     not. ``artifact``: an Artifact or its folder. ``mode``: the serving mode :func:`load_compressed` uses
-    unless told otherwise. The original gate/up weights are never written. ``out_dir`` is replaced only if it
-    is itself a compressed checkpoint (or empty); the new folder appears complete or not at all.
+    unless told otherwise (default: the mode the model is patched in, else "precomposed"). The original gate/up
+    weights are never written. ``out_dir`` is replaced only if it is itself a compressed checkpoint (or empty);
+    the new folder appears complete or not at all.
     """
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     from safetensors.torch import save_file
 
@@ -102,19 +103,23 @@ def save_compressed(
     if not isinstance(model, nn.Module):
         model = _load_source_model(Path(model))
     check_compatible(model, art)
+    if mode is None:
+        mode = patched_mode(model) or "precomposed"
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not is_compressed(out):
-        raise ArtifactError(
-            f"{out}: exists and is not a GloBE compressed checkpoint; refusing to overwrite it"
-        )
+        raise ArtifactError(f"{out}: exists and is not a GloBE compressed checkpoint; refusing to overwrite it")
 
     tensors, buffers, aliases = _tensors_to_save(model)
     config = model.config.to_dict()
     config.pop("globe", None)
+    # the dtype the weights are written in (a model cast after loading no longer matches its config)
+    dtype = str(getattr(model, "dtype", torch.float32)).removeprefix("torch.")
+    config["dtype"] = dtype
     config["globe"] = {
         "format": FORMAT,
         "version": VERSION,
         "mode": mode,
+        "dtype": dtype,
         "artifact": ARTIFACT_DIR,
         "weights": WEIGHTS,
         "scope": art.scope,
@@ -182,9 +187,7 @@ def load_compressed(
     root = Path(out_dir)
     section = _globe_section(root)
     if section is None:
-        raise ArtifactError(
-            f"{root}: no config.json with a '{FORMAT}' globe section; not a compressed checkpoint"
-        )
+        raise ArtifactError(f"{root}: no config.json with a '{FORMAT}' globe section; not a compressed checkpoint")
     if section.get("version") != VERSION:
         raise ArtifactError(
             f"{root}: compressed checkpoint version {section.get('version')!r}, this GloBE reads {VERSION}"
@@ -197,7 +200,7 @@ def load_compressed(
     device = torch.device(device)
 
     config = AutoConfig.from_pretrained(root)
-    build_dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    build_dtype = dtype or section.get("dtype") or getattr(config, "dtype", None) or torch.float32
     if isinstance(build_dtype, str):
         build_dtype = getattr(torch, build_dtype)
     with torch.device("meta"):
@@ -214,9 +217,7 @@ def load_compressed(
             try:
                 module = model.get_submodule(module_name)
             except AttributeError:
-                raise ArtifactError(
-                    f"{weights}: tensor {name!r} has no place in {type(model).__name__}"
-                ) from None
+                raise ArtifactError(f"{weights}: tensor {name!r} has no place in {type(model).__name__}") from None
             target = module._parameters.get(leaf)
             if target is None:
                 target = module._buffers.get(leaf)
@@ -225,8 +226,7 @@ def load_compressed(
             value = f.get_tensor(name)
             if tuple(value.shape) != tuple(target.shape):
                 raise ArtifactError(
-                    f"{weights}: {name!r} has shape {tuple(value.shape)}, the model expects "
-                    f"{tuple(target.shape)}"
+                    f"{weights}: {name!r} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}"
                 )
             # non-persistent buffers (rotary tables) keep the dtype they were computed in
             if name in buffers:

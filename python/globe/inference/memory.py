@@ -50,18 +50,14 @@ def memory_report(model: nn.Module) -> dict:
         factors = module._modules.get("globe")
         if isinstance(factors, GlobeFactors):
             modes.add(factors.mode)
-            for name, t in list(factors.named_parameters(recurse=False)) + list(
-                factors.named_buffers(recurse=False)
-            ):
+            for name, t in list(factors.named_parameters(recurse=False)) + list(factors.named_buffers(recurse=False)):
                 category = next(c for prefix, c in _CATEGORIES if name.startswith(prefix))
                 detail[category] += count(t)
         else:
             modes.add("dense")
             detail["dense"] += count(module._parameters.get("gate_up_proj"))
         down += count(module._parameters.get("down_proj"))
-        bias += count(module._parameters.get("gate_up_proj_bias")) + count(
-            module._parameters.get("down_proj_bias")
-        )
+        bias += count(module._parameters.get("gate_up_proj_bias")) + count(module._parameters.get("down_proj_bias"))
     gate_up = sum(detail.values())
     return {
         "mode": modes.pop() if len(modes) == 1 else "mixed",

@@ -56,6 +56,7 @@ __all__ = [
     "globe_experts_forward",
     "is_patched",
     "patch_model",
+    "patched_mode",
     "register_implementation",
     "unpatch_model",
 ]
@@ -66,9 +67,7 @@ IMPLEMENTATION = "globe"
 MODES = ("precomposed", "bank")
 FAMILIES = ("gate", "up")
 _PATCH_ATTR = "_globe_patch"  # on the model: what unpatch needs (mode, previous implementations)
-_ORIGINAL_ATTR = (
-    "_globe_original"  # on an experts module: the original gate_up_proj when kept, its dtype/device
-)
+_ORIGINAL_ATTR = "_globe_original"  # on an experts module: the original gate_up_proj when kept, requires_grad
 
 
 class GlobeFactors(nn.Module):
@@ -191,9 +190,7 @@ def globe_experts_forward(
     if uses_fused_silu(self):
         h = ops.adapter_gemm(*args, **operands, shift_gate=shifts["gate"], shift_up=shifts["up"], act="silu")
     else:
-        gate, up = ops.adapter_gemm(
-            *args, **operands, shift_gate=shifts["gate"], shift_up=shifts["up"], act=None
-        )
+        gate, up = ops.adapter_gemm(*args, **operands, shift_gate=shifts["gate"], shift_up=shifts["up"], act=None)
         h = self._apply_gate(join_activations(self, gate, up))
 
     down_bias = self.down_proj_bias[sorted_ids] if self.has_bias else None
@@ -228,9 +225,7 @@ def check_compatible(model: nn.Module, artifact: Artifact, sites: list[ExpertsSi
     """Raise ArtifactError, naming what differs, unless the artifact's factors fit the model's experts."""
     sites = find_experts(model) if sites is None else sites
     if sorted(artifact.families) != sorted(FAMILIES):
-        raise ArtifactError(
-            f"artifact families are {list(artifact.families)}; serving needs exactly {list(FAMILIES)}"
-        )
+        raise ArtifactError(f"artifact families are {list(artifact.families)}; serving needs exactly {list(FAMILIES)}")
     artifact.validate()
     arch = artifact.source.get("arch") or artifact.source.get("model_type")
     model_type = _model_type(model)
@@ -256,9 +251,7 @@ def check_compatible(model: nn.Module, artifact: Artifact, sites: list[ExpertsSi
         if isinstance(fused, torch.Tensor):
             gate, _ = split_gate_up(site.module, fused)
             if tuple(gate.shape) != (n, p, d):
-                raise ArtifactError(
-                    f"{site.name}: gate_up_proj {tuple(fused.shape)} does not hold [n, p, d] gates"
-                )
+                raise ArtifactError(f"{site.name}: gate_up_proj {tuple(fused.shape)} does not hold [n, p, d] gates")
         for f in FAMILIES:
             A = artifact.adapter(f, site.layer)
             if tuple(A.shape[:2]) != (n, p) or artifact.bank(f, site.layer).shape[2] != d:
@@ -267,6 +260,12 @@ def check_compatible(model: nn.Module, artifact: Artifact, sites: list[ExpertsSi
 
 def is_patched(model: nn.Module) -> bool:
     return getattr(model, _PATCH_ATTR, None) is not None
+
+
+def patched_mode(model: nn.Module) -> str | None:
+    """The serving mode the model is patched in ("precomposed" or "bank"), or None if it is not patched."""
+    record = getattr(model, _PATCH_ATTR, None)
+    return None if record is None else record["mode"]
 
 
 # --- patch / unpatch ----------------------------------------------------------------------------------------
@@ -294,9 +293,7 @@ def _build_factors(
             c = SparseCodes(c.indices.to(device), c.values.to(device))
             composed[f] = ops.compose(bank, c, phi=artifact.phi, out_dtype=dtype).contiguous()
         else:
-            banks[f] = _shared(
-                cache, ("bank", f, sid), lambda f=f: _cast(artifact.bank(f, layer), device, dtype)
-            )
+            banks[f] = _shared(cache, ("bank", f, sid), lambda f=f: _cast(artifact.bank(f, layer), device, dtype))
             c = artifact.codes(f, layer)
             codes[f] = SparseCodes(
                 c.indices.to(device=device, dtype=torch.int32).contiguous(),
@@ -354,11 +351,7 @@ def patch_model(
             kept = original if original.device.type == "cpu" else nn.Parameter(original.detach().cpu())
             kept.requires_grad_(original.requires_grad)
         grad = original.requires_grad if original is not None else False
-        setattr(
-            module,
-            _ORIGINAL_ATTR,
-            {"gate_up_proj": kept, "dtype": model_dtype, "device": device, "grad": grad},
-        )
+        setattr(module, _ORIGINAL_ATTR, {"gate_up_proj": kept, "grad": grad})
         del original
         module.globe = factors
 
@@ -366,9 +359,7 @@ def patch_model(
     for config in {id(s.module.config): s.module.config for s in sites}.values():
         previous.append((config, config._experts_implementation))
         config._experts_implementation_internal = IMPLEMENTATION
-    setattr(
-        model, _PATCH_ATTR, {"mode": mode, "previous": previous, "scope": artifact.scope, "phi": artifact.phi}
-    )
+    setattr(model, _PATCH_ATTR, {"mode": mode, "previous": previous, "scope": artifact.scope, "phi": artifact.phi})
     return model
 
 
@@ -387,15 +378,13 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if not isinstance(factors, GlobeFactors):
             continue
         info = getattr(module, _ORIGINAL_ATTR, {}) or {}
-        device = info.get("device", module.down_proj.device)
-        dtype = info.get("dtype", module.down_proj.dtype)
+        # where and in what dtype the experts live now (the model may have been moved or cast since the patch)
+        device, dtype = module.down_proj.device, module.down_proj.dtype
         kept = info.get("gate_up_proj")
         if kept is not None:
-            weight = kept if kept.device == device else nn.Parameter(kept.detach().to(device))
+            weight = kept if kept.device == device else nn.Parameter(kept.detach().to(device, dtype))
         else:
-            weight = join_gate_up(module, factors.dense("gate"), factors.dense("up")).to(
-                device=device, dtype=dtype
-            )
+            weight = join_gate_up(module, factors.dense("gate"), factors.dense("up")).to(device=device, dtype=dtype)
             weight = nn.Parameter(weight)
         weight.requires_grad_(info.get("grad", False))
         del module.globe
@@ -419,8 +408,6 @@ def apply_reconstruction(model: nn.Module, artifact: Artifact) -> nn.Module:
     check_compatible(model, artifact, sites)
     for site in sites:
         fused = site.module.gate_up_proj
-        W = join_gate_up(
-            site.module, artifact.reconstruct("gate", site.layer), artifact.reconstruct("up", site.layer)
-        )
+        W = join_gate_up(site.module, artifact.reconstruct("gate", site.layer), artifact.reconstruct("up", site.layer))
         fused.copy_(W.to(device=fused.device, dtype=fused.dtype))
     return model

@@ -1,0 +1,211 @@
+"""Quality of GloBE's linear AM, its nonlinear refinement and the baselines at a parameter budget.
+
+    PYTHONPATH=python:. python bench/bench_refine.py [--suites planted,clustered] [--budgets 0.25 0.5]
+
+For each synthetic suite (bench/synthetic_suites.py; 6 layers x 8 experts, p=96, d=384 by default, plus
+``planted`` at 2 layers x 32 experts with --many), budget (fraction of the original gate parameters, counted as
+:mod:`globe.budget` counts bank mode: bank, adapters, codes as values + indices, the mean) and scope (one bank
+per layer, or one over all layers), the relative Frobenius error against the original weights of:
+
+* ``svd``: per-expert truncated SVD at the largest rank within the budget (no sharing; scope-independent);
+* ``am``: the trainer's linear AM (:func:`globe.am.fit_bank`, weight-aware mode, m = n/4 of the scope, target
+  support 4, r the largest within the budget, centred, every expert in the fit);
+* ``gn:<φ>`` / ``adam:<φ>``: :func:`globe.refine.refine` from the AM solution, in the original scale with the
+  mean term refitted, for the same wall time each (``--refine-time`` seconds per scope), early stop on the
+  training objective (all experts are compressed, so there is nothing to hold out);
+* ``mobe``: the Adam-only baseline of the MoBE kind: silu over the mixture, dense softmax codes, no mean, random
+  init, the largest r within the same budget (dense codes counted as n m numbers), for the wall time of GloBE's
+  best row in that cell (AM + its refinement).
+
+Then a convergence comparison of the two refinement methods (wall time to reach given errors) on one cell.
+Timings are wall-clock seconds on this machine with ``--threads`` torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from globe.am import fit_bank  # noqa: E402
+from globe.budget import bank_mode_parameters, max_rank  # noqa: E402
+from globe.config import GlobeConfig  # noqa: E402
+from globe.refine import refine  # noqa: E402
+from synthetic_suites import make_suite  # noqa: E402
+
+from globe_kernels import ops  # noqa: E402
+
+PHIS = ("identity", "tanh", "silu")
+K = 4  # target support
+
+
+def rel(num: float, den: float) -> float:
+    return math.sqrt(num / den)
+
+
+def svd_error(W: torch.Tensor, budget: float) -> tuple[float, float, float, int]:
+    N, p, d = W.shape
+    k = max(1, int(budget * p * d // (p + d)))
+    t = time.perf_counter()
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    R = (U[:, :, :k] * S[:, None, :k]) @ Vh[:, :k]
+    err = float((R - W.double()).pow(2).sum())
+    return err, k * (p + d) / (p * d), time.perf_counter() - t, k
+
+
+def mobe_fit(W: torch.Tensor, r: int, m: int, seconds: float, seed: int = 0, lr: float = 3e-3) -> float:
+    """Adam on A_i silu(softmax(z_i) B) from random init for `seconds`; returns the squared error."""
+    g = torch.Generator().manual_seed(seed)
+    N, p, d = W.shape
+    s = float(W.pow(2).mean().sqrt())
+    X = W / s
+    A = (torch.randn(N, p, r, generator=g) / math.sqrt(r)).requires_grad_(True)
+    B = torch.randn(m, r, d, generator=g).requires_grad_(True)
+    z = (0.01 * torch.randn(N, m, generator=g)).requires_grad_(True)
+    opt = torch.optim.Adam([A, B, z], lr=lr)
+    energy = float(X.pow(2).sum())
+    best = float("inf")
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        opt.zero_grad(set_to_none=True)
+        loss = (X - A @ ops.compose(B, torch.softmax(z, 1), "silu")).pow(2).sum() / energy
+        loss.backward()
+        opt.step()
+        best = min(best, float(loss.detach()))
+    return best * energy * s * s
+
+
+def mobe_rank(budget: float, N: int, p: int, d: int, m: int) -> int:
+    r = int((budget * N * p * d - N * m) // (m * d + N * p))
+    return max(1, min(r, p, d))
+
+
+def run_cell(W: torch.Tensor, budget: float, scope: str, args) -> list[dict]:
+    L, n, p, d = W.shape
+    groups = [W.reshape(L * n, p, d)] if scope == "global" else [W[i] for i in range(L)]
+    n_scope = groups[0].shape[0]
+    m = max(1, n_scope // 4)
+    r = max_rank(budget, L, n, p, d, m, K, scope, True)
+    energy = float(W.double().pow(2).sum())
+    rows = []
+    # linear AM
+    t = time.perf_counter()
+    fits = [fit_bank(Wg, GlobeConfig(r=r, m=m, steps=args.am_steps, weight_aware=True, val_fraction=0.0,
+                                     target_support=K, patience=3)) for Wg in groups]
+    am_time = time.perf_counter() - t
+    err = sum(float((f.reconstruct() - Wg).double().pow(2).sum()) for f, Wg in zip(fits, groups))
+    k_am = max(int((f.alpha > 0).sum(1).max()) for f in fits)
+    frac = bank_mode_parameters(L, n, p, d, r, m, k_am, scope, True) / (L * n * p * d)
+    rows.append({"method": "am", "r": r, "m": m, "frac": frac, "err": rel(err, energy), "time": am_time})
+    # refinements
+    for method in ("gn", "adam"):
+        for phi in PHIS:
+            t = time.perf_counter()
+            err = 0.0
+            for f, Wg in zip(fits, groups):
+                res = refine(Wg, f.bank, f.alpha, f.A, phi, method=method, mean=f.normalization.mean, fit_mean=True,
+                             kmax=K, steps=100000, time_limit=args.refine_time / len(groups), patience=3,
+                             eval_every=1 if method == "gn" else 20, lr=args.adam_lr)
+                err += float((res.reconstruct() - Wg).double().pow(2).sum())
+            frac = bank_mode_parameters(L, n, p, d, r, m, min(K, m), scope, True) / (L * n * p * d)
+            rows.append({"method": f"{method}:{phi}", "r": r, "m": m, "frac": frac, "err": rel(err, energy),
+                         "time": am_time + time.perf_counter() - t})
+    best = min((row for row in rows if row["method"] != "am"), key=lambda row: row["err"])
+    # MoBE-style baseline for the same wall time as GloBE's best
+    r_mobe = mobe_rank(budget, n_scope, p, d, m)
+    t = time.perf_counter()
+    err = sum(mobe_fit(Wg, r_mobe, m, best["time"] / len(groups)) for Wg in groups)
+    params = len(groups) * (m * r_mobe * d + n_scope * p * r_mobe + n_scope * m)
+    rows.append({"method": "mobe", "r": r_mobe, "m": m, "frac": params / (L * n * p * d), "err": rel(err, energy),
+                 "time": time.perf_counter() - t})
+    return rows
+
+
+def convergence(args) -> None:
+    W = make_suite("planted_silu")
+    L, n, p, d = W.shape
+    Wg = W.reshape(L * n, p, d)
+    m = Wg.shape[0] // 4
+    r = max_rank(0.25, L, n, p, d, m, K, "global", True)
+    fit = fit_bank(Wg, GlobeConfig(r=r, m=m, steps=args.am_steps, weight_aware=True, val_fraction=0.0,
+                                   target_support=K, patience=3))
+    print(f"\n### GN vs Adam: convergence (planted_silu, global, budget 0.25, r={r}, m={m}, phi=silu, "
+          f"{args.conv_time:.0f} s each)\n")
+    curves = {}
+    for method in ("gn", "adam"):
+        res = refine(Wg, fit.bank, fit.alpha, fit.A, "silu", method=method, mean=fit.normalization.mean,
+                     fit_mean=True, kmax=K, steps=100000, time_limit=args.conv_time, patience=10**6,
+                     eval_every=1 if method == "gn" else 10, lr=args.adam_lr)
+        curves[method] = [(h["time_s"], h["rel_error"]) for h in res.history]
+    start = curves["gn"][0][1]
+    finals = {k: min(e for _, e in v) for k, v in curves.items()}
+    targets = sorted({round(start - f * (start - min(finals.values())), 5) for f in (0.5, 0.9, 0.99)}
+                     | {round(finals["adam"], 5)}, reverse=True)
+    print("| method | start | " + " | ".join(f"time to {x:.5f}" for x in targets) + " | best error |")
+    print("|---|---|" + "---|" * len(targets) + "---|")
+    for method, curve in curves.items():
+        cells = []
+        for x in targets:
+            hit = next((t for t, e in curve if e <= x), None)
+            cells.append("not reached" if hit is None else f"{hit:.1f} s")
+        print(f"| {method} | {curve[0][1]:.5f} | " + " | ".join(cells) + f" | {finals[method]:.5f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suites", default="planted,planted_silu,lowrank_noise,clustered")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--scopes", nargs="+", default=["layer", "global"])
+    ap.add_argument("--many", action="store_true", help="add planted at 2 layers x 32 experts")
+    ap.add_argument("--am-steps", type=int, default=15)
+    ap.add_argument("--refine-time", type=float, default=3.0, help="seconds per refinement run and scope")
+    ap.add_argument("--adam-lr", type=float, default=1e-2)
+    ap.add_argument("--conv-time", type=float, default=20.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-convergence", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    print(f"## bench_refine ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s), {time.strftime('%Y-%m-%d')})\n")
+    suites = [(s, 6, 8) for s in args.suites.split(",") if s]
+    if args.many:
+        suites.append(("planted", 2, 32))
+    print("| suite | budget | scope | method | r | m | param fraction | rel. error | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    winners = []
+    for name, L, n in suites:
+        W = make_suite(name, L=L, n=n)
+        label = f"{name} {L}x{n}"
+        for budget in args.budgets:
+            err, frac, secs, k = svd_error(W.reshape(-1, *W.shape[2:]), budget)
+            print(f"| {label} | {budget} | - | svd (rank {k}) | - | - | {frac:.3f} | "
+                  f"{rel(err, float(W.double().pow(2).sum())):.4f} | {secs:.1f} |")
+            cell_rows = []
+            for scope in args.scopes:
+                rows = run_cell(W, budget, scope, args)
+                for row in rows:
+                    print(f"| {label} | {budget} | {scope} | {row['method']} | {row['r']} | {row['m']} | "
+                          f"{row['frac']:.3f} | {row['err']:.4f} | {row['time']:.1f} |", flush=True)
+                    cell_rows.append((scope, row))
+            scope, best = min(cell_rows, key=lambda sr: sr[1]["err"])
+            winners.append((label, budget, scope, best))
+    print("\n### Winner per suite and budget\n")
+    print("| suite | budget | winner | rel. error |")
+    print("|---|---|---|---|")
+    for label, budget, scope, best in winners:
+        print(f"| {label} | {budget} | {best['method']} ({scope}) | {best['err']:.4f} |")
+    if not args.no_convergence:
+        convergence(args)
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
