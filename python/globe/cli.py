@@ -231,6 +231,16 @@ def _choices(field_name: str) -> Sequence[str] | None:
     return table.get(field_name)
 
 
+def _at_least_two(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 tokens (one to predict from), got {value}")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -823,7 +833,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def _finish_compress(
     out: Path, checkpoint: Path, ckpt: Any, artifact: Any, times: dict, args: argparse.Namespace
 ) -> int:
-    from globe.evaluate import SUMMARY_COLUMNS, format_table, reconstruction_rows
+    from globe.evaluate import SUMMARY_COLUMNS, format_table, reconstruction_rows, stored_errors
     from globe.report import write_report
 
     # seconds per bank: the trainer's own fit time (kept across a resume), else what the progress bars saw
@@ -831,11 +841,15 @@ def _finish_compress(
         family, _, sid = name.partition(".")
         if isinstance(part, dict) and isinstance(part.get("fit_time_s"), (int, float)):
             times[(family, sid)] = float(part["fit_time_s"])
-    rows = reconstruction_rows(ckpt, artifact, times=times)
+    # the errors the trainer measured while fitting (no second pass over the checkpoint); `globe eval`
+    # recomputes them from the saved artifact
+    errors = stored_errors(artifact)
+    rows = reconstruction_rows(ckpt, artifact, times=times, errors=errors)
     params = artifact.num_parameters()
     summary = {
         "checkpoint": str(checkpoint),
         "rows": [{k: v for k, v in row.items() if k not in ("err2", "ref2")} for row in rows],
+        "errors_from": "trainer" if errors is not None else "checkpoint",
         "parameters": params,
         "times": {f"{f}/{s}": t for (f, s), t in times.items()},
     }
@@ -989,7 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-tokens",
-        type=int,
+        type=_at_least_two,
         default=256,
         metavar="N",
         help="tokens of the sample text fed to the models (default: 256, capped by the context)",

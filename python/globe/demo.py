@@ -23,7 +23,7 @@ __all__ = ["DEMO_SHAPE", "SMALL_SHAPE", "run_demo"]
 # Qwen3-MoE in miniature: 4 MoE layers of 32 experts (p=128, d=256), so the global bank is fitted on 128
 # experts per family, with r = p/2 and m = n/4 as the design document suggests.
 DEMO_SHAPE = {"num_layers": 4, "num_experts": 32, "hidden_size": 256, "expert_dim": 128}
-DEMO_COMPRESS = ["--steps", "12", "--patience", "4"]
+DEMO_COMPRESS = ["--steps", "8", "--patience", "3"]
 DEMO_EVAL: list[str] = []
 # the same workflow at toy size, for tests
 SMALL_SHAPE = {"num_layers": 2, "num_experts": 8, "hidden_size": 64, "expert_dim": 32}
@@ -68,9 +68,7 @@ def _generate(checkpoint: Path, run: Path) -> dict[str, Any]:
     return {"prompt": PROMPT, "original": original, "patched": patched, "same": same}
 
 
-def run_demo(
-    out: str | Path | None = None, *, keep: bool = False, small: bool = False, quiet: bool = False
-) -> int:
+def run_demo(out: str | Path | None = None, *, keep: bool = False, small: bool = False, quiet: bool = False) -> int:
     """Run the demo; returns the exit status. ``out``: folder for everything (default: a new temporary one,
     kept so the report can be opened). The synthetic checkpoint is deleted at the end unless ``keep``."""
     from globe import cli
@@ -90,8 +88,7 @@ def run_demo(
     _say("==========")
     _say(
         "The model below is SYNTHETIC, built on this machine: a Qwen3-MoE architecture with random attention "
-        "and "
-        "embeddings, whose routed experts are planted with structure shared across experts and decaying "
+        "and embeddings, whose routed experts are planted with structure shared across experts and decaying "
         "singular spectra. Nothing is downloaded. Its numbers show the workflow, not quality on a real model."
     )
     _say()
@@ -129,9 +126,7 @@ def run_demo(
     _say(f"      eval took {time.perf_counter() - t0:.1f} s")
     _say()
 
-    _say(
-        f"[4/4] generate(): {NEW_TOKENS} greedy tokens from the prompt {PROMPT!r} (UTF-8 bytes as token ids)"
-    )
+    _say(f"[4/4] generate(): {NEW_TOKENS} greedy tokens from the prompt {PROMPT!r} (UTF-8 bytes as token ids)")
     gen = _generate(checkpoint, run)
     _say(f"      original model: {_show_tokens(gen['original'])!r}")
     _say(f"      patched model:  {_show_tokens(gen['patched'])!r}")

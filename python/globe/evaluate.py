@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "output_agreement",
     "reconstruction_rows",
     "sample_text",
+    "stored_errors",
     "support_sizes",
     "tokenize",
 ]
@@ -71,35 +72,61 @@ def _bank_mode_parameters(artifact: Any, family: str, layer: int) -> float:
     return artifact.adapter(family, layer).numel() + bank + mean_params + codes
 
 
+def stored_errors(artifact: Any) -> dict[tuple[str, Any], float] | None:
+    """The relative errors the trainer measured while fitting (artifact metrics), keyed (family, layer),
+    (family, "all") and ("all", "all"); None when the artifact does not hold all of them."""
+    metrics = artifact.metrics or {}
+    per_layer, per_family, total = (metrics.get(k) for k in ("rel_error_layer", "rel_error_family", "rel_error"))
+    if not (isinstance(per_layer, dict) and isinstance(per_family, dict) and isinstance(total, (int, float))):
+        return None
+    out: dict[tuple[str, Any], float] = {}
+    for family in artifact.families:
+        layers = per_layer.get(family) or {}
+        for layer in artifact.layers:
+            value = layers.get(str(layer), layers.get(layer))  # JSON turns the layer keys into strings
+            if not isinstance(value, (int, float)):
+                return None
+            out[(family, layer)] = float(value)
+        if not isinstance(per_family.get(family), (int, float)):
+            return None
+        out[(family, "all")] = float(per_family[family])
+    out[("all", "all")] = float(total)
+    return out
+
+
 def reconstruction_rows(
     checkpoint: Any,
     artifact: Any,
     *,
     times: dict[tuple[str, str], float] | None = None,
-    on_layer: Callable[[str, int], None] | None = None,
+    errors: dict[tuple[str, Any], float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Compare the artifact with the checkpoint's gate/up weights, one layer at a time.
+    """One row per (family, layer) of the artifact, a total row per family and one for everything.
 
-    ``checkpoint`` is a folder or an object from :func:`globe.io.open_checkpoint`. ``times`` maps
-    (family, scope id) -> seconds spent fitting that part (per layer for scope "layer", once per family for
-    scope "global"). Rows: family, layer (an int, or "all" for the totals), rel_error, param_ratio,
-    median_support, mean_support, time_s (None where unknown), plus the squared norms behind the error.
+    The relative Frobenius error compares ``artifact.reconstruct`` with the checkpoint's gate/up weights, read
+    one layer at a time (``checkpoint``: a folder or an object from :func:`globe.io.open_checkpoint`); with
+    ``errors`` (see :func:`stored_errors`) those numbers are used instead and the checkpoint is not read.
+    ``times`` maps (family, scope id) -> seconds spent fitting that bank (per layer for scope "layer", once
+    per family for scope "global"). Rows: family, layer (an int, or "all"), rel_error, param_ratio,
+    median_support, mean_support, time_s (None where unknown), and err2 / ref2, the squared norms behind a
+    measured error.
     """
     import torch
 
     from globe.io import open_checkpoint
 
-    ckpt = checkpoint if hasattr(checkpoint, "read") else open_checkpoint(checkpoint)
     shape = artifact.shape
-    if (ckpt.num_experts, ckpt.expert_dim, ckpt.hidden_size) != (shape["n"], shape["p"], shape["d"]):
-        raise ConfigError(
-            f"the artifact was fitted to experts of shape n={shape['n']}, p={shape['p']}, d={shape['d']}, "
-            "but "
-            f"{ckpt.path} has n={ckpt.num_experts}, p={ckpt.expert_dim}, d={ckpt.hidden_size}"
-        )
-    missing = sorted(set(artifact.layers) - set(ckpt.moe_layers))
-    if missing:
-        raise ConfigError(f"artifact layers {missing} are not MoE layers of {ckpt.path} ({ckpt.moe_layers})")
+    ckpt = None
+    if errors is None:
+        ckpt = checkpoint if hasattr(checkpoint, "read") else open_checkpoint(checkpoint)
+        if (ckpt.num_experts, ckpt.expert_dim, ckpt.hidden_size) != (shape["n"], shape["p"], shape["d"]):
+            raise ConfigError(
+                f"the artifact was fitted to experts of shape n={shape['n']}, p={shape['p']}, d={shape['d']}, "
+                f"but {ckpt.path} has n={ckpt.num_experts}, p={ckpt.expert_dim}, d={ckpt.hidden_size}"
+            )
+        missing = sorted(set(artifact.layers) - set(ckpt.moe_layers))
+        if missing:
+            raise ConfigError(f"artifact layers {missing} are not MoE layers of {ckpt.path} ({ckpt.moe_layers})")
     times = times or {}
     dense_per_layer = shape["n"] * shape["p"] * shape["d"]
     rows: list[dict[str, Any]] = []
@@ -107,12 +134,15 @@ def reconstruction_rows(
     for family in artifact.families:
         fam = {"err2": 0.0, "ref2": 0.0, "params": 0.0, "dense": 0, "supports": []}
         for layer in artifact.layers:
-            if on_layer is not None:
-                on_layer(family, layer)
-            W = ckpt.read(family, layer, dtype=torch.float32)
-            R = artifact.reconstruct(family, layer)
-            err2 = float((R.double() - W.double()).pow(2).sum())
-            ref2 = float(W.double().pow(2).sum())
+            if ckpt is not None:
+                W = ckpt.read(family, layer, dtype=torch.float32).double()
+                err2 = float((artifact.reconstruct(family, layer).double() - W).pow(2).sum())
+                ref2 = float(W.pow(2).sum())
+                del W
+                rel = math.sqrt(err2 / ref2) if ref2 > 0 else float("nan")
+            else:
+                err2 = ref2 = float("nan")
+                rel = errors[(family, layer)]
             params = _bank_mode_parameters(artifact, family, layer)
             sup = support_sizes(artifact, family, layer)
             t = times.get((family, f"layer{layer}")) if artifact.scope == "layer" else None
@@ -120,7 +150,7 @@ def reconstruction_rows(
                 {
                     "family": family,
                     "layer": layer,
-                    "rel_error": math.sqrt(err2 / ref2) if ref2 > 0 else float("nan"),
+                    "rel_error": rel,
                     "param_ratio": params / dense_per_layer,
                     "median_support": statistics.median(sup),
                     "mean_support": sum(sup) / len(sup),
@@ -136,23 +166,29 @@ def reconstruction_rows(
             fam["supports"] += sup
         fam_times = [v for (f, _), v in times.items() if f == family]
         fam_time = sum(fam_times) if fam_times else None
-        rows.append(_total_row(family, fam, fam_time))
+        rows.append(_total_row(family, fam, fam_time, errors))
         for key in ("err2", "ref2", "params", "dense"):
             grand[key] += fam[key]
         grand["supports"] += fam["supports"]
         if fam_time is not None:
             grand["time"] += fam_time
             grand["timed"] = True
-    rows.append(_total_row("all", grand, grand["time"] if grand["timed"] else None))
+    rows.append(_total_row("all", grand, grand["time"] if grand["timed"] else None, errors))
     return rows
 
 
-def _total_row(family: str, acc: dict[str, Any], time_s: float | None) -> dict[str, Any]:
+def _total_row(
+    family: str, acc: dict[str, Any], time_s: float | None, errors: dict[tuple[str, Any], float] | None
+) -> dict[str, Any]:
     sup = acc["supports"]
+    if errors is not None:
+        rel = errors[(family, "all")]
+    else:
+        rel = math.sqrt(acc["err2"] / acc["ref2"]) if acc["ref2"] > 0 else float("nan")
     return {
         "family": family,
         "layer": "all",
-        "rel_error": math.sqrt(acc["err2"] / acc["ref2"]) if acc["ref2"] > 0 else float("nan"),
+        "rel_error": rel,
         "param_ratio": acc["params"] / acc["dense"] if acc["dense"] else float("nan"),
         "median_support": statistics.median(sup) if sup else float("nan"),
         "mean_support": sum(sup) / len(sup) if sup else float("nan"),

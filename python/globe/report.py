@@ -496,16 +496,22 @@ def write_report(out_dir: str | Path, *, replot: bool = True) -> Path:
             ("cholesky_fallbacks", "Cholesky fallbacks", "d"),
             ("step_time_s", "step time (s)", ".2f"),
         ]
+        kept = {part_of(r): r.get("best_step") for r in records if r.get("kind") == "part"}
         md.append(
             _md_table(
                 [
-                    (_label(part), *(_fmt(rec.get(k), spec) for k, _, spec in cols))
+                    (_label(part), _fmt(kept.get(part), "d"), *(_fmt(rec.get(k), spec) for k, _, spec in cols))
                     for part, rec in sorted(last.items())
                 ],
-                ["bank", *(h for _, h, _ in cols)],
+                ["bank", "kept step", *(h for _, h, _ in cols)],
             )
         )
-        md += ["", f"Every step's full metric record is in `metrics.jsonl` ({len(records)} records).", ""]
+        md += [
+            "",
+            "The factors saved are those of the kept step (the best held-out error); the other columns describe "
+            f"the last step run. Every step's full metric record is in `metrics.jsonl` ({len(records)} records).",
+            "",
+        ]
 
     md += ["## Files", ""]
     for name, what in (
