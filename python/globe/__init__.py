@@ -28,6 +28,11 @@ _EXPORTS = {
     "load_artifact": "globe.artifact",
     "Artifact": "globe.artifact",
     "Normalization": "globe.normalize",
+    "patch_model": "globe.inference",
+    "unpatch_model": "globe.inference",
+    "memory_report": "globe.inference",
+    "save_compressed": "globe.inference",
+    "load_compressed": "globe.inference",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -38,6 +43,13 @@ if TYPE_CHECKING:
     from globe.compress import compress  # noqa: F401
     from globe.config import GlobeConfig  # noqa: F401
     from globe.errors import ArtifactError, CheckpointError, ConfigError, GlobeError  # noqa: F401
+    from globe.inference import (  # noqa: F401
+        load_compressed,
+        memory_report,
+        patch_model,
+        save_compressed,
+        unpatch_model,
+    )
     from globe.normalize import Normalization  # noqa: F401
 
 

@@ -211,6 +211,7 @@ class Artifact:
         try:
             save_file(tensors, str(tmp_path), metadata={"format": FORMAT, "version": str(VERSION)})
             digest, size = _sha256(tmp_path), tmp_path.stat().st_size
+            os.chmod(tmp_path, 0o644)
             os.replace(tmp_path, factors_path)
         finally:
             tmp_path.unlink(missing_ok=True)
@@ -310,6 +311,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         json.dump(obj, tmp, indent=2, sort_keys=False, default=_json_default)
         tmp.flush()
         os.fsync(tmp.fileno())
+    os.chmod(tmp.name, 0o644)  # temporary files are created private; the result is an ordinary file
     os.replace(tmp.name, path)
 
 
