@@ -186,9 +186,9 @@ def main() -> None:
         label = f"{name} {L}x{n}"
         for budget in args.budgets:
             err, frac, secs, k = svd_error(W.reshape(-1, *W.shape[2:]), budget)
-            print(f"| {label} | {budget} | - | svd (rank {k}) | - | - | {frac:.3f} | "
-                  f"{rel(err, float(W.double().pow(2).sum())):.4f} | {secs:.1f} |")
-            cell_rows = []
+            svd_err = rel(err, float(W.double().pow(2).sum()))
+            print(f"| {label} | {budget} | - | svd (rank {k}) | - | - | {frac:.3f} | {svd_err:.4f} | {secs:.1f} |")
+            cell_rows = [("-", {"method": f"svd (rank {k})", "err": svd_err})]
             for scope in args.scopes:
                 rows = run_cell(W, budget, scope, args)
                 for row in rows:
