@@ -1,7 +1,7 @@
 """Initial bank and code helpers: simplex projection, k-means, least-squares codes, sparsity, adapters."""
 
 import torch
-from globe.bank import fit_adapters, kmeans_bank, ls_codes, project_simplex, sparsify
+from globe.bank import fit_adapters, kmeans_bank, ls_codes, project_simplex, sparsify, subspace_bank
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -97,3 +97,22 @@ def test_fit_adapters_matches_normal_equations():
     assert fallbacks == 0
     ref = torch.linalg.lstsq(Bt.transpose(1, 2), Z.transpose(1, 2)).solution.transpose(1, 2)
     torch.testing.assert_close(A, ref, rtol=0, atol=1e-9)
+
+
+def test_subspace_bank_recovers_row_spaces_in_any_frame():
+    # three clusters of experts sharing a row space, each expert in its own random frame (GL(r) mix)
+    g = torch.Generator().manual_seed(5)
+    r, d = 3, 10
+    bases = torch.linalg.qr(torch.randn(3, d, r, generator=g, dtype=torch.float64))[0].transpose(1, 2)
+    labels = torch.arange(24) % 3
+    mix = torch.randn(24, r, r, generator=g, dtype=torch.float64)
+    X = mix @ bases[labels] + 1e-6 * torch.randn(24, r, d, generator=g, dtype=torch.float64)
+    bank, got, sim = subspace_bank(X, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        bank.flatten(1).norm(dim=1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    for c in range(3):
+        assert got[labels == c].unique().numel() == 1
+    assert got.unique().numel() == 3
+    # each expert lies in its atom's row space: similarity r (up to the tiny perturbation)
+    assert (sim.gather(1, got[:, None]) > r - 1e-6).all()

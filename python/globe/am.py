@@ -58,7 +58,16 @@ from typing import Any
 import torch
 
 from globe import metrics as M
-from globe.bank import fit_adapters, kmeans_bank, project_simplex, simplex_codes, sparsify
+from globe.bank import (
+    fit_adapters,
+    kmeans_bank,
+    project_simplex,
+    row_bases,
+    simplex_codes,
+    sparsify,
+    subspace_bank,
+    subspace_similarity,
+)
 from globe.config import GlobeConfig
 from globe.errors import ConfigError
 from globe.normalize import Normalization, fit_normalization
@@ -256,6 +265,45 @@ class _WeightAware:
         return H, rhs
 
 
+def _initial_state(
+    Z: torch.Tensor, X: torch.Tensor, train: torch.Tensor, m: int, cfg: GlobeConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The initial bank, codes and adapters (see ``GlobeConfig.init``); the best of ``init_restarts`` draws by
+    the training objective. Returns (bank, alpha, A, metrics)."""
+    best: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    objectives = []
+    for _ in range(max(1, cfg.init_restarts)):
+        if cfg.init == "kmeans":
+            # k-means over the flattened proxies, least-squares codes projected onto the simplex, adapters
+            # by OLS against the proxies
+            bank, _ = kmeans_bank(X[train], m, generator=gen, iters=cfg.kmeans_iters)
+            probs, _ = simplex_codes(X, bank)
+            alpha, _ = ops.prune_renorm(probs, cfg.eps)
+            A, _, _ = fit_adapters(Z, X, cfg.lambda_A)  # A_i = Z_i pinv(P_i), in the proxies' frames
+        else:
+            # k-subspaces over the proxies' row spaces: one-hot codes by cluster, atoms the clusters' shared
+            # row spaces (frame-free); experts outside the fit take their most similar atom
+            bank, _, _ = subspace_bank(X[train], m, generator=gen, iters=cfg.kmeans_iters)
+            sim = subspace_similarity(row_bases(X), bank * bank.shape[1] ** 0.5)
+            alpha = torch.zeros(X.shape[0], m, dtype=X.dtype, device=X.device)
+            alpha.scatter_(1, sim.argmax(1, keepdim=True), 1.0)
+            A, _, _ = fit_adapters(Z, ops.compose(bank, alpha), cfg.lambda_A)
+        res, _ = _residuals(Z, A, ops.compose(bank, alpha), torch.ones(Z.shape[1], dtype=Z.dtype))
+        obj = float(res[train].sum())
+        objectives.append(obj)
+        if best is None or obj < best[0]:
+            best = (obj, bank, alpha, A)
+    assert best is not None
+    zn = float(_frob2(Z[train]).sum())
+    metrics = {
+        "init_method": cfg.init,
+        "init_restarts": len(objectives),
+        "init_rel_error_z": math.sqrt(best[0] / max(zn, 1e-300)),
+        "init_rel_error_z_worst": math.sqrt(max(objectives) / max(zn, 1e-300)),
+    }
+    return best[1], best[2], best[3], metrics
+
+
 # --- the trainer --------------------------------------------------------------------------------------------
 
 
@@ -320,12 +368,12 @@ def fit_bank(
     X = seed.proxies.to(device=device, dtype=dtype)
     X = X / X.flatten(1).norm(dim=1).clamp_min(torch.finfo(dtype).tiny)[:, None, None]
 
-    # initial bank, codes (least squares + simplex projection + epsilon-prune), adapters A_i = Z_i pinv(P_i)
-    bank, _ = kmeans_bank(X[train], m, generator=gen, iters=cfg.kmeans_iters)
-    probs, _ = simplex_codes(X, bank)
-    alpha, _ = ops.prune_renorm(probs, cfg.eps)
-    A, _, _ = fit_adapters(Z, X, cfg.lambda_A)
-    res_seed, _ = _residuals(Z, A, X, norm.scale)
+    A_seed, _, _ = fit_adapters(Z, X, cfg.lambda_A)
+    res_seed, _ = _residuals(Z, A_seed, X, norm.scale)
+    del A_seed
+    t0 = time.perf_counter()
+    bank, alpha, A, init_metrics = _initial_state(Z, X, train, m, cfg, gen)
+    init_metrics["init_time_s"] = time.perf_counter() - t0
     T = float(cfg.T0)
 
     seed_metrics: dict[str, Any] = {
@@ -334,6 +382,7 @@ def fit_bank(
         "seed_rel_error": math.sqrt(float(res_seed.sum()) / float(zn.sum())),
         "seed_energy_captured": 1.0 - float(res_seed.sum()) / float(zn.sum()),
         "seed_time_s": seed_time,
+        **init_metrics,
     }
     for key, value in (seed.metrics or {}).items():
         if isinstance(value, (int, float, bool)):

@@ -221,3 +221,91 @@ def fit_adapters(
         A[lo:hi], nf = ops.cholesky_solve_batched(G[lo:hi], R, ridge)
         fallbacks += nf
     return A, fallbacks, G
+
+
+def row_bases(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormal bases [N, r, d] of the row spaces of X [N, r, d] (thin QR of each X_iᵀ)."""
+    Q, _ = torch.linalg.qr(X.transpose(1, 2))
+    return Q.transpose(1, 2)
+
+
+def subspace_similarity(V: torch.Tensor, C: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """sim[i, j] = ||C_j V_iᵀ||_F^2 in [0, r] for orthonormal row bases V [N, r, d] and C [m, r, d]: the
+    energy of subspace j inside subspace i (r when they coincide). Frame-free: it only depends on the
+    projectors V_iᵀV_i and C_jᵀC_j."""
+    N, r, d = V.shape
+    m = C.shape[0]
+    Cf = C.reshape(m * r, d)
+    out = torch.empty(N, m, dtype=V.dtype, device=V.device)
+    for lo in range(0, N, chunk):
+        Vc = V[lo : lo + chunk]
+        G = (Vc.reshape(-1, d) @ Cf.T).reshape(Vc.shape[0], r, m, r)
+        out[lo : lo + chunk] = G.square().sum(dim=(1, 3))
+    return out
+
+
+def subspace_bank(
+    X: torch.Tensor,
+    m: int,
+    *,
+    generator: torch.Generator | None = None,
+    iters: int = 20,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k-subspaces over the row spaces of X [N, r, d]: m atoms, each the shared r-dimensional row space of
+    a cluster of experts -> (bank [m, r, d] unit Frobenius norm, labels [N], sim [N, m]).
+
+    Because W_i ~= A_i B~_i with A_i free, only the row space of B~_i is identifiable from W_i; a proxy's
+    frame (which basis of that row space) is arbitrary, so k-means over flattened proxies compares frames as
+    much as subspaces. Here the distance is frame-free: r - ||C_j V_iᵀ||^2 (V_i, C_j orthonormal row bases).
+    Seeding is k-means++ on that distance (from ``generator``); the centre update is the top-r right singular
+    subspace of the members' stacked bases (optionally row-weighted by ``weights`` [N, r]), which maximises
+    the members' total similarity. An emptied cluster is re-seeded with the worst-fitted expert.
+    Atoms are C_j / sqrt(r) (orthonormal rows scaled to unit Frobenius norm).
+    """
+    N, r, d = X.shape
+    if not 1 <= m <= N:
+        raise ValueError(f"k-subspaces needs 1 <= m <= N, got m={m}, N={N}")
+    V = row_bases(X)
+    Vw = V if weights is None else V * weights[:, :, None].to(V)
+
+    first = int(torch.randint(N, (1,), generator=generator, device="cpu"))
+    idx = [first]
+    dmin = (r - subspace_similarity(V, V[first : first + 1]).squeeze(1)).clamp_min(0)
+    for _ in range(1, m):
+        total = float(dmin.sum())
+        if total > 0:
+            nxt = int(torch.multinomial((dmin / total).double().cpu(), 1, generator=generator))
+        else:
+            nxt = int(torch.randint(N, (1,), generator=generator, device="cpu"))
+        idx.append(nxt)
+        dmin = torch.minimum(dmin, (r - subspace_similarity(V, V[nxt : nxt + 1]).squeeze(1)).clamp_min(0))
+    C = V[idx].clone()
+    sim = subspace_similarity(V, C)
+    labels = sim.argmax(1)
+    for _ in range(iters):
+        counts = torch.bincount(labels, minlength=m)
+        fit = sim.gather(1, labels[:, None]).squeeze(1)
+        worst = torch.argsort(fit, stable=True)
+        slot = 0
+        newC = torch.empty_like(C)
+        for j in range(m):
+            if int(counts[j]) == 0:
+                newC[j] = V[worst[slot % N]]
+                slot += 1
+                continue
+            S = Vw[labels == j].reshape(-1, d)
+            _, _, Vh = torch.linalg.svd(S, full_matrices=False)
+            k = Vh.shape[0]
+            if k >= r:
+                newC[j] = Vh[:r]
+            else:  # fewer stacked rows than r: complete the basis from the old centre
+                Q, _ = torch.linalg.qr(torch.cat([Vh, C[j]], 0).T)
+                newC[j] = Q.T[:r]
+        C = newC
+        sim = subspace_similarity(V, C)
+        new_labels = sim.argmax(1)
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+    return C / r**0.5, labels, sim

@@ -36,6 +36,7 @@ SPARSITIES = ("entmax15", "sparsemax", "entmax_bisect", "topk")
 SCOPES = ("global", "layer")
 PHIS = ("identity", "tanh", "silu")
 SEEDING_METHODS = ("ts_pca", "left_gram_pca", "svd", "spherical_kmeans", "residual_greedy")
+INITS = ("subspace", "kmeans")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -57,6 +58,9 @@ class GlobeConfig:
     least-squares right factor given its current adapter, pinv(A_i) Z_i (fixes the per-expert gauge of the
     proxies). phi: the
     nonlinearity of the composition (this trainer fits "identity" only). center: subtract the per-family mean.
+    init: the initial bank, "kmeans" (k-means over the flattened proxies, the design document's step) or
+    "subspace" (k-subspaces over the proxies' row spaces, frame-free, one-hot codes; measured no better on
+    planted data so far); init_restarts: draws of it, the one with the lowest training objective is kept.
     seed, device, dtype: reproducibility and placement of the fit.
     """
 
@@ -85,6 +89,8 @@ class GlobeConfig:
     refresh_targets: bool = True
     pg_iters: int = 100
     kmeans_iters: int = 20
+    init: str = "kmeans"
+    init_restarts: int = 1
     phi: str = "identity"
     center: bool = True
     seed: int = 0
@@ -163,6 +169,9 @@ class GlobeConfig:
             raise bad("refresh_targets", "must be a bool")
         check_int("pg_iters", 0)
         check_int("kmeans_iters", 0)
+        if self.init not in INITS:
+            raise bad("init", f"must be one of {INITS}")
+        check_int("init_restarts", 1)
         if self.phi not in PHIS:
             raise bad("phi", f"must be one of {PHIS}")
         if not isinstance(self.center, bool):
