@@ -104,7 +104,8 @@ def prune_renorm(alpha: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
     """epsilon-prune and renormalise rows of probabilities.
 
     Entries below eps (and entries <= 0) are zeroed and every row is rescaled to sum 1. A row whose entries
-    would all be pruned keeps its largest entry (weight 1). Returns (pruned alpha in alpha's dtype, support size per row int32).
+    would all be pruned keeps its largest entry (weight 1).
+    Returns (pruned alpha in alpha's dtype, support size per row int32).
     """
     if alpha.dim() != 2:
         raise ValueError(f"alpha must be [n, m], got shape {tuple(alpha.shape)}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from globe.errors import ConfigError
 from globe.io.archs import ARCHS
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
+
 from globe.errors import CheckpointError
 from globe.io.archs import (
     EXPERT_COUNT_KEYS,
@@ -28,7 +30,6 @@ from globe.io.archs import (
     supported_archs,
 )
 from globe.io.shards import FLOAT_DTYPES, ShardSet, TensorInfo
-from safetensors import safe_open
 
 __all__ = ["Checkpoint", "open_checkpoint"]
 

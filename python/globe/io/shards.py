@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from globe.errors import CheckpointError
 
 __all__ = ["TensorInfo", "ShardSet", "read_header", "FLOAT_DTYPES"]
