@@ -103,11 +103,14 @@ def _jit_build(cuda: bool) -> tuple[ModuleType, Path]:
     build_dir.mkdir(parents=True, exist_ok=True)
     names = CPU_SOURCES + (CUDA_SOURCES if cuda else ())
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    fp_contract = [] if sys.platform == "win32" else ["-ffp-contract=fast"]  # the same flags as setup.py
     defines = ["-DGLOBE_WITH_CUDA"] if cuda else []
+    # torch's loader hashes the sources and these flags within a process and reruns ninja (which tracks the
+    # headers too) in every new one, so an edited kernel is rebuilt on the next load
     module = cpp_load(
         name=JIT_NAME,
         sources=[str(CSRC / s) for s in names],
-        extra_cflags=["-O3", *openmp, *defines],
+        extra_cflags=["-O3", *fp_contract, *openmp, *defines],
         extra_cuda_cflags=["-O3", *defines],
         extra_ldflags=openmp,
         build_directory=str(build_dir),

@@ -85,6 +85,22 @@ def test_spd_matches_float64(ext, dtype, n, r, p, lam):
     check(A, n_bad, G, R, lam, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "r", "p"), [(5, 3, 2), (7, 8, 16), (7, 9, 13), (4, 37, 45), (3, 80, 161), (2, 130, 7)])
+def test_baseline_isa_path(ext, monkeypatch, dtype, n, r, p):
+    """The kernel is compiled for the baseline ISA and, on x86-64, for AVX2+FMA (chosen at run time);
+    GLOBE_EXT_ISA=generic forces the baseline build, which must give the same answers."""
+    gen = torch.Generator().manual_seed(100 * r + p)
+    G = spd(n, r, gen).to(dtype)
+    R = torch.randn(n, p, r, generator=gen, dtype=torch.float64).to(dtype)
+    monkeypatch.setenv("GLOBE_EXT_ISA", "generic")
+    A, n_bad = _ext.cholesky_solve_batched(G, R, 0.1)
+    check(A, n_bad, G, R, 0.1, dtype)
+    monkeypatch.delenv("GLOBE_EXT_ISA")
+    A_auto, _ = _ext.cholesky_solve_batched(G, R, 0.1)
+    assert rel_err(A, A_auto.double()) <= TOL[dtype]
+
+
 def mixed_batch(n: int, r: int, p: int, lam: float, gen: torch.Generator):
     """SPD, indefinite and negative-definite systems mixed; returns (G, R, expected flags) in float64.
 

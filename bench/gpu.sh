@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# GPU run of the kernels: the GPU tests, then the benchmarks, summarised in OUTDIR/RESULTS_gpu.md.
+#
+#   bench/gpu.sh OUTDIR
+#
+# Run from anywhere on a CUDA machine with the project's environment (PYTHON=/path/to/python to choose the
+# interpreter; default: python3). Steps, each logged to OUTDIR/<step>.log, each allowed to fail without
+# stopping the others (the summary records every exit status):
+#   1. the GPU tests: tests/test_gpu.py and the CUDA tests of tests/test_cholesky.py (-m gpu), without
+#      TRITON_INTERPRET (the tests/test_triton_*.py files run only under the interpreter, on CPU tensors, so
+#      tests/test_gpu.py is their on-device counterpart);
+#   2. the op microbenchmarks at full model sizes (bench/bench_ops.py: compose against the dense product and a
+#      device-to-device copy of the same bytes, prune_renorm, adapter_gemm precomposed and bank mode at prefill
+#      and decode sizes against the dense grouped expert GEMM, Cholesky against torch on CUDA);
+#   3. the batched Cholesky sweep on CUDA (bench/bench_cholesky.py --device cuda);
+#   4. decode throughput of a patched model (bench/bench_decode.py), when present.
+# Without a CUDA device the script still runs, as a dry run of itself: small shapes, CPU benchmarks, and the
+# summary says so. Nothing is written outside OUTDIR except the usual caches (the extension's just-in-time build in
+# ~/.cache/globe_kernels, Triton's kernel cache, pip/torch caches): no .pytest_cache, no __pycache__, no
+# pytest-benchmark storage in the checkout.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+OUT=$1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+cd "$ROOT" || exit 2
+
+export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1
+unset TRITON_INTERPRET
+PYTEST=("$PY" -m pytest -p no:cacheprovider -o addopts="" --rootdir="$ROOT")
+
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    CUDA=1
+    SIZE=full
+    CHOL_ARGS=(--device cuda --reps 7)
+    DECODE_ARGS=(--device cuda --dtype bfloat16 --shape qwen3-medium)
+else
+    CUDA=0
+    SIZE=small
+    CHOL_ARGS=(--device cpu --reps 3 --threads 2 --r 8 64)
+    DECODE_ARGS=(--device cpu --repeats 1)
+    echo "no CUDA device: dry run on CPU (small shapes)" >&2
+fi
+
+declare -A STATUS
+step() {  # step NAME CMD...: run CMD, log to OUT/NAME.log, remember its exit status
+    local name=$1
+    shift
+    echo "== $name: $*" >&2
+    local start=$SECONDS
+    "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    STATUS[$name]="exit $rc, $((SECONDS - start)) s"
+    echo "   -> exit $rc ($((SECONDS - start)) s), log $OUT/$name.log" >&2
+    return 0
+}
+
+step env "$PY" - <<'EOF'
+import platform, subprocess, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton not importable:", exc)
+print("cuda available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+from globe_kernels import _ext, ops
+print("extension:", _ext.status())
+for row in ops.describe("cuda" if torch.cuda.is_available() else "cpu"):
+    print(f"  {row['op']:24s} {row['backend']:8s} {row['status']}")
+try:
+    print(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout)
+except Exception as exc:
+    print("nvidia-smi:", exc)
+EOF
+
+step tests "${PYTEST[@]}" tests/test_gpu.py tests/test_cholesky.py -m gpu -q -rs \
+    --junitxml="$OUT/tests_junit.xml"
+
+step bench_ops "${PYTEST[@]}" bench/bench_ops.py -o python_files='bench_*.py' -q --benchmark-enable \
+    --bench-size "$SIZE" --bench-table "$OUT/bench_ops.md" --benchmark-json="$OUT/bench_ops.json" \
+    --benchmark-columns=min,median,iqr,rounds
+
+step bench_cholesky "$PY" bench/bench_cholesky.py "${CHOL_ARGS[@]}"
+
+if [ -f bench/bench_decode.py ]; then
+    step bench_decode "$PY" bench/bench_decode.py "${DECODE_ARGS[@]}"
+fi
+
+# ---- the summary ------------------------------------------------------------------------------------------
+GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
+[ -n "$GPU" ] || GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" 2>/dev/null)
+VERSIONS=$("$PY" -c "
+import torch
+try:
+    import triton; t = triton.__version__
+except Exception:
+    t = 'n/a'
+print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), triton {t}')" 2>/dev/null)
+COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "unknown")
+TESTLINE=$(grep -E "(passed|failed|error|skipped)" "$OUT/tests.log" 2>/dev/null | tail -n 1)
+
+{
+    echo "# GloBE kernels on GPU"
+    echo
+    [ "$CUDA" = 1 ] || echo "**No CUDA device: this is a CPU dry run of bench/gpu.sh (small shapes), not GPU results.**"
+    [ "$CUDA" = 1 ] || echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "- GPU: $GPU"
+    echo "- host: $(hostname), $(nproc) CPUs"
+    echo "- versions: $VERSIONS; python $("$PY" -c 'import platform; print(platform.python_version())')"
+    echo "- checkout: $COMMIT"
+    echo
+    echo "## Steps"
+    echo
+    echo "| step | status | log |"
+    echo "|---|---|---|"
+    for name in env tests bench_ops bench_cholesky bench_decode; do
+        [ -n "${STATUS[$name]+x}" ] && echo "| $name | ${STATUS[$name]} | $name.log |"
+    done
+    echo
+    echo "## GPU tests"
+    echo
+    echo "\`python -m pytest tests/test_gpu.py tests/test_cholesky.py -m gpu\`: ${TESTLINE:-see tests.log}"
+    echo
+    grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/tests.log" 2>/dev/null | sed 's/^/    /' | head -n 40
+    echo
+    if [ -f "$OUT/bench_ops.md" ]; then
+        cat "$OUT/bench_ops.md"
+    else
+        echo "## Op microbenchmarks"
+        echo
+        echo "no table (see bench_ops.log)"
+    fi
+    echo
+    echo "## Batched Cholesky (bench/bench_cholesky.py ${CHOL_ARGS[*]})"
+    echo
+    sed -n '/^## Batched/,$p' "$OUT/bench_cholesky.log" 2>/dev/null | tail -n +2
+    if [ -n "${STATUS[bench_decode]+x}" ]; then
+        echo
+        echo "## Decode throughput (bench/bench_decode.py ${DECODE_ARGS[*]})"
+        echo
+        grep -E "^\||^#" "$OUT/bench_decode.log" 2>/dev/null || tail -n 30 "$OUT/bench_decode.log"
+    fi
+} >"$OUT/RESULTS_gpu.md"
+
+echo "wrote $OUT/RESULTS_gpu.md" >&2
