@@ -167,6 +167,8 @@ def test_setup_switches(monkeypatch):
 NO_EXT_SCRIPT = textwrap.dedent(
     """
     import json, logging, sys
+    # an editable install's finder would resolve globe_kernels._C in the source tree, beside this copy
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
     fmt = "LOG %(name)s %(levelname)s %(message)s"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt)
     import torch
