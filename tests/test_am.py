@@ -213,3 +213,114 @@ def test_rank_presets_relative_to_min_p_d():
     assert GlobeConfig(r="p/2").resolve_r(14336, 4096) == 2048  # Mixtral: p > d
     assert GlobeConfig(m="n/4").resolve_m(128) == 32
     assert GlobeConfig(m="n/8").resolve_m(4) == 1
+
+
+# --- refinement through phi, coherence penalty, new config fields -------------------------------------------
+
+
+def _planted_small(seed: int) -> torch.Tensor:
+    """12 experts 8 x 20 from 4 planted atoms of rank 3, plus noise and a shared offset."""
+    g = torch.Generator().manual_seed(seed)
+    bank = torch.randn(4, 3, 20, generator=g)
+    alpha = torch.rand(12, 4, generator=g)
+    alpha = alpha / alpha.sum(1, keepdim=True)
+    A = torch.randn(12, 8, 3, generator=g)
+    return A @ torch.einsum("nm,mrd->nrd", alpha, bank) + 0.1 * torch.randn(12, 8, 20, generator=g) + 0.5
+
+
+def test_fit_bank_with_tanh_refinement_matches_the_artifact_and_does_not_lose_to_the_linear_start():
+    from globe.artifact import Artifact
+
+    W = _planted_small(21)
+    base = dict(r=3, m=3, steps=3, target_support=2, val_fraction=0.0)
+    linear = fit_bank(W, GlobeConfig(**base))
+    records = []
+    fit = fit_bank(W, GlobeConfig(phi="tanh", refine_steps=4, **base), callback=records.append)
+    assert fit.phi == "tanh" and linear.phi == "identity"
+    refine_recs = [r for r in records if r.get("stage") == "refine"]
+    assert refine_recs and refine_recs == [h for h in fit.history if h.get("stage") == "refine"]
+    assert "refine.rel_error" in fit.metrics and fit.metrics["refine.phi"] == "tanh"
+    # reconstruct() against float64 maths: A_i tanh(sum_j alpha_ij B_j) + M (fp32 factors: atol 1e-5 x scale)
+    ref = (fit.A.double() @ torch.tanh(torch.einsum("nm,mrd->nrd", fit.alpha.double(), fit.bank.double()))
+           + fit.normalization.mean.double())
+    R = fit.reconstruct()
+    torch.testing.assert_close(R.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # the artifact path (what inference serves) gives the same weights
+    art = Artifact.from_factors(
+        scope="layer", phi=fit.phi, banks={("gate", "layer0"): fit.bank},
+        codes={("gate", 0): fit.codes}, adapters={("gate", 0): fit.A},
+        means={("gate", "layer0"): fit.normalization.mean},
+    )
+    torch.testing.assert_close(art.reconstruct("gate", 0), R, rtol=1e-5, atol=1e-5 * float(R.abs().max()))
+
+    def err(f):
+        return float((f.reconstruct().double() - W.double()).norm() / W.double().norm())
+
+    # no held-out experts: the training error is the stopping criterion and never ends above its start
+    assert err(fit) <= err(linear) * (1 + 1e-5)
+
+
+def test_phi_without_refinement_is_refused_and_refinement_settings_are_checked():
+    with pytest.raises(ConfigError, match="refine_steps"):
+        fit_bank(torch.randn(8, 4, 6), GlobeConfig(phi="silu", refine_steps=0))
+    for bad, name in (
+        (dict(budget=0.0), "budget"),
+        (dict(budget=1.5), "budget"),
+        (dict(refine_steps=-1), "refine_steps"),
+        (dict(refine_method="lbfgs"), "refine_method"),
+        (dict(refine_time_limit=0.0), "refine_time_limit"),
+        (dict(coherence=-0.1), "coherence"),
+        (dict(coherence_iters=-1), "coherence_iters"),
+        (dict(coherence=1.0, weight_aware=True), "coherence"),
+    ):
+        with pytest.raises(ConfigError, match=rf"GlobeConfig\.{name}"):
+            GlobeConfig(**bad)
+    cfg = GlobeConfig(budget=0.25, refine_steps=7, refine_method="gn", refine_time_limit=3.0, coherence=0.5,
+                      coherence_iters=4, phi="silu")
+    assert GlobeConfig.from_dict(cfg.to_dict()) == cfg
+    # the new settings change the fingerprint, and at their defaults leave it as it was without them
+    default = GlobeConfig()
+    assert cfg.fingerprint() != default.fingerprint()
+    assert default.replace(coherence=0.5).fingerprint() != default.fingerprint()
+    import hashlib
+    import json
+
+    old = {k: v for k, v in default.to_dict().items()
+           if k not in ("device", "budget", "refine_steps", "refine_method", "refine_time_limit", "coherence",
+                        "coherence_iters")}
+    assert default.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+
+
+def test_coherence_penalty_runs_and_every_step_reports_atom_coherence():
+    from globe.coherence import atom_coherence
+
+    W = _planted_small(22)
+    for mu in (0.0, 1.0):
+        fit = fit_bank(W, GlobeConfig(r=3, m=4, steps=3, target_support=2, coherence=mu, coherence_iters=5))
+        am = [h for h in fit.history if h.get("stage") != "refine"]
+        for rec in am:
+            assert 0.0 <= rec["mean_coherence"] <= rec["max_coherence"] <= 1.0 + 1e-9
+            assert rec["coherence_atoms"] == 4
+        assert all(("coherence_iterations" in rec) == (mu > 0) for rec in am[1:])
+        # the metric of the kept step is the coherence of the returned bank (float64 maths)
+        kept = am[fit.metrics["best_step"]]
+        coh = atom_coherence(fit.bank.double())
+        assert kept["max_coherence"] == pytest.approx(coh["max_coherence"], abs=1e-5)
+        assert kept["mean_coherence"] == pytest.approx(coh["mean_coherence"], abs=1e-5)
+        assert math.isfinite(fit.metrics["rel_error"])
+
+
+def test_coherence_metric_of_a_large_bank_is_sampled_and_agrees_with_the_definition():
+    from globe.am import _COHERENCE_ATOMS, _coherence_metrics
+    from globe.coherence import atom_coherence
+
+    g = torch.Generator().manual_seed(23)
+    bank = torch.randn(7, 3, 5, generator=g)
+    bank[4] = 2.5 * bank[1] + 1e-3 * torch.randn(3, 5, generator=g)  # a near duplicate
+    bank[6] = 0.0  # a zero atom counts as orthogonal to everything
+    got, want = _coherence_metrics(bank), atom_coherence(bank.double())
+    # fp32 Gram: cosines within 1e-6 of the float64 definition
+    assert got["max_coherence"] == pytest.approx(want["max_coherence"], abs=1e-6) and got["max_coherence"] > 0.99
+    assert got["mean_coherence"] == pytest.approx(want["mean_coherence"], abs=1e-6)
+    big = torch.randn(_COHERENCE_ATOMS + 37, 2, 3, generator=g)
+    assert _coherence_metrics(big)["coherence_atoms"] == _COHERENCE_ATOMS

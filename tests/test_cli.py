@@ -550,3 +550,49 @@ def test_eval_text_uses_the_checkpoints_tokenizer_when_there_is_one(tmp_path):
     assert "tokenizer" in how and "bytes" not in how
     expected = [i for i in tok.encode(text).ids if i < 30]  # ids beyond the model's vocabulary are dropped
     assert ids == expected and len(ids) > 20
+
+
+def test_compress_with_a_budget_end_to_end(checkpoint, tmp_path):
+    from globe.artifact import load_artifact
+
+    out = tmp_path / "budget"
+    run_cli("compress", checkpoint, "-o", out, "--budget", "0.5", "--steps", "2", "--target-support", "2", "-q")
+    art = load_artifact(out)
+    params = art.num_parameters()
+    assert params["bank_mode"] / params["dense"] <= 0.5
+    choice = art.config["budget_choice"]
+    assert choice["budget"] == 0.5 and choice["reason"]
+    scored = [c for c in choice["candidates"] if c["status"] == "scored"]
+    assert len(scored) >= 2 and all(c["param_fraction"] <= 0.5 for c in scored)
+    assert {c["scope"] for c in scored} == {"global", "layer"}
+    # the artifact is the winner: its sizes, scope and mean term
+    chosen = choice["chosen"]
+    assert (art.config["r_resolved"], art.config["m_resolved"]) == (chosen["r"], chosen["m"])
+    assert (art.config["scope"], art.config["center"], art.scope) == (chosen["scope"], chosen["center"],
+                                                                       chosen["scope"])
+    assert min(c["rel_error"] for c in scored) == chosen["rel_error"]
+    # what the run was asked for is kept beside the artifact
+    assert json.loads((out / "compress_config.json").read_text())["budget"] == 0.5
+
+
+def test_refinement_and_coherence_options_reach_the_config(tmp_path, capsys):
+    args = build_parser().parse_args(
+        ["compress", "ckpt", "-o", str(tmp_path), "--phi", "silu", "--refine-steps", "5", "--refine-method", "gn",
+         "--refine-time-limit", "2.5", "--coherence", "0.3", "--coherence-iters", "4", "--budget", "0.25"]
+    )
+    cfg = resolve_config(args, args.config_fields)
+    assert (cfg.phi, cfg.refine_steps, cfg.refine_method, cfg.refine_time_limit) == ("silu", 5, "gn", 2.5)
+    assert (cfg.coherence, cfg.coherence_iters, cfg.budget) == (0.3, 4, 0.25)
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("--budget F", "--refine-steps N", "--refine-method {adam,gn}", "--coherence MU",
+                     "required for --phi tanh or silu"):
+        assert fragment in text, fragment
+
+
+def test_phi_without_refine_steps_is_a_one_line_error(checkpoint, tmp_path, capsys):
+    rc = main(["compress", str(checkpoint), "-o", str(tmp_path / "o"), "--phi", "tanh"])
+    assert_one_line_error(rc, capsys.readouterr().err, "--phi", "--refine-steps")
+    rc = main(["compress", str(checkpoint), "-o", str(tmp_path / "o"), "--budget", "1.5"])
+    assert_one_line_error(rc, capsys.readouterr().err, "--budget", "<= 1")

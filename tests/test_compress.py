@@ -110,3 +110,24 @@ def test_sinks_receive_records(tmp_path):
     assert {r["family"] for r in steps} == {"gate", "up"}
     assert all("seeding_method" in r and "rel_error" in r for r in steps)
     assert records[-1]["io_bytes"] > 0 and "rel_error_family" in records[-1]
+
+
+def test_refined_phi_reaches_the_artifact_and_its_error(tmp_path):
+    ckpt = _tiny(tmp_path)
+    path = tmp_path / "metrics.jsonl"
+    cfg = GlobeConfig(scope="layer", phi="tanh", refine_steps=3, **FAST)
+    with JsonlSink(path) as sink:
+        art = compress(ckpt, tmp_path / "out", cfg, sinks=[sink])
+    back = load_artifact(tmp_path / "out")
+    assert art.phi == back.phi == "tanh"
+    # the saved factors, composed through tanh, give the error the fit measured through its reconstruct()
+    assert _rel_error(back, ckpt) == pytest.approx(art.metrics["rel_error"], rel=1e-4)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    refine = [r for r in records if r["kind"] == "refine_step"]
+    assert {(r["family"], r["scope_id"]) for r in refine} == {(f, f"layer{L}") for f in ("gate", "up")
+                                                               for L in open_checkpoint(ckpt).moe_layers}
+    assert all(r["stage"] == "refine" for r in refine)
+    part = next(iter(art.metrics["parts"].values()))
+    # the refinement keeps its best state by the held-out experts' error (one per layer here)
+    assert part["refine.phi"] == "tanh" and part["n_val"] == 1
+    assert part["refine.rel_error_val"] <= part["refine.rel_error_val_start"]

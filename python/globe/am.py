@@ -45,6 +45,18 @@ improved by ``min_improvement`` (relative) for ``patience`` steps while the supp
 experts whose support changed is at most ``support_tol``); the state of the best step is restored. Held-out
 experts have codes and adapters for the final bank like every other expert, so all are in the artifact.
 Without held-out experts the training error plays that role.
+
+Coherence penalty (``config.coherence`` > 0, proxy mode): the dictionary step becomes
+:func:`globe.coherence.mod_solve_with_coherence`, min ||X - C B||² + lam_B ||B||² + mu Σ_{j≠k} <B_j, B_k>²
+(mu relative, see there). Every step record carries the bank's atom coherence (``max_coherence``,
+``mean_coherence``: max and mean |cos| over atom pairs; above ``_COHERENCE_ATOMS`` atoms, measured on that many
+evenly spaced atoms, ``coherence_atoms`` says how many).
+
+Nonlinear φ and refinement (``config.phi``, ``config.refine_steps``): the AM always fits φ = identity; it is
+the warm start of :func:`globe.refine.apply_refinement`, which then optimises the true objective through φ
+in the original scale (held-out experts as validation, early stopping) when ``refine_steps`` is set. φ other
+than the identity without ``refine_steps`` raises ConfigError (the linear AM alone would not be a fit of the
+nonlinear model). The FitResult records φ and applies it in ``composed()`` / ``reconstruct()``.
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ from globe.bank import (
     subspace_bank,
     subspace_similarity,
 )
+from globe.coherence import mod_solve_with_coherence
 from globe.config import GlobeConfig
 from globe.errors import ConfigError
 from globe.normalize import Normalization, fit_normalization
@@ -77,6 +90,7 @@ from globe_kernels.ops import SparseCodes
 __all__ = ["FitResult", "fit_bank"]
 
 _CHUNK = 256  # experts per chunk for the [N, p, d]-sized products
+_COHERENCE_ATOMS = 512  # atoms at most in the per-step coherence metric (evenly spaced above that)
 
 
 @dataclass
@@ -85,7 +99,9 @@ class FitResult:
 
     bank [m, r, d] unit-norm atoms; alpha [N, m] dense codes (rows on the simplex); A [N, p, r] adapters with
     the normalisation scale folded in; normalization (mean [p, d] and row scale [p]); history: one metric
-    dict per AM step (step 0 is the initial state); metrics: summary of the final state.
+    dict per AM step (step 0 is the initial state), then the refinement's records (``"stage": "refine"``);
+    metrics: summary of the final state. phi: the nonlinearity applied after the mixture (the atoms are not
+    unit-norm after a refinement: their scale is part of the model for φ ≠ identity).
     """
 
     bank: torch.Tensor
@@ -97,6 +113,7 @@ class FitResult:
     r: int = 0
     m: int = 0
     val_index: list[int] = field(default_factory=list)
+    phi: str = "identity"
 
     @property
     def codes(self) -> SparseCodes:
@@ -107,16 +124,38 @@ class FitResult:
         return self.normalization.mean
 
     def composed(self) -> torch.Tensor:
-        return ops.compose(self.bank, self.alpha)
+        return ops.compose(self.bank, self.alpha, self.phi)
 
     def reconstruct(self, index: slice | torch.Tensor | None = None) -> torch.Tensor:
-        """W_i ~= A_i sum_j alpha_ij B_j + M, [N, p, d] (or the experts selected by index)."""
+        """W_i ~= A_i phi(sum_j alpha_ij B_j) + M, [N, p, d] (or the experts selected by index)."""
         alpha, A = (self.alpha, self.A) if index is None else (self.alpha[index], self.A[index])
-        W = A @ ops.compose(self.bank, alpha)
+        W = A @ ops.compose(self.bank, alpha, self.phi)
         return W + self.normalization.mean.to(W) if self.normalization.center else W
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
+
+
+def _coherence_metrics(bank: torch.Tensor) -> dict[str, Any]:
+    """max / mean |cos| over atom pairs, as :func:`globe.coherence.atom_coherence` defines them.
+
+    The Gram matrix is formed in the bank's dtype (no float64 copy of the bank: m x r x d can be gigabytes),
+    the m x m cosines in float64; above _COHERENCE_ATOMS atoms, on that many evenly spaced atoms."""
+    m = bank.shape[0]
+    if m > _COHERENCE_ATOMS:
+        idx = torch.linspace(0, m - 1, _COHERENCE_ATOMS, device=bank.device).round().long()
+        bank = bank[idx]
+    k = bank.shape[0]
+    if k < 2:
+        return {"max_coherence": 0.0, "mean_coherence": 0.0, "coherence_atoms": k}
+    Bf = bank.reshape(k, -1)
+    G = (Bf @ Bf.T).double()
+    n = G.diagonal().clamp_min(0).sqrt()
+    n = torch.where(n > 0, n, torch.ones_like(n))
+    C = (G / n[:, None] / n[None, :]).abs()
+    iu = torch.triu_indices(k, k, 1, device=C.device)
+    off = C[iu[0], iu[1]]
+    return {"max_coherence": float(off.max()), "mean_coherence": float(off.mean()), "coherence_atoms": k}
 
 
 def _frob2(x: torch.Tensor) -> torch.Tensor:
@@ -316,23 +355,24 @@ def fit_bank(
 ) -> FitResult:
     """Fit a bank, codes and adapters to one family's experts W [N, p, d] in one scope.
 
-    callback(record) is called with every step's metric record (step 0 is the initial state). generator drives
-    every random choice (k-means++ seeding, held-out experts, the warm start); by default one seeded from
+    callback(record) is called with every step's metric record (step 0 is the initial state) and then with
+    the refinement's records (``"stage": "refine"``) when config.refine_steps is set. generator drives every
+    random choice (k-means++ seeding, held-out experts, the warm start); by default one seeded from
     config.seed, so the same inputs and config give bit-identical factors on CPU.
     """
     cfg = config or GlobeConfig()
     cfg.validate()
-    if cfg.phi != "identity":
+    if cfg.phi != "identity" and not cfg.refine_steps:
         raise ConfigError(
-            f"GlobeConfig.phi: this trainer fits phi='identity' only (got {cfg.phi!r}); tanh and silu need "
-            "the "
-            "nonlinear refinement"
+            f"GlobeConfig.phi: phi={cfg.phi!r} is fitted by the refinement stage after the linear AM; set "
+            "refine_steps (e.g. 200 for refine_method='adam', 20 for 'gn') to run it"
         )
     if W.dim() != 3:
         raise ConfigError(f"fit_bank expects experts as [N, p, d], got shape {tuple(W.shape)}")
     device, dtype = torch.device(cfg.device), cfg.torch_dtype
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
     W = W.to(device=device, dtype=dtype)
+    W_orig = W if cfg.refine_steps else None  # the refinement works in the original scale
     N, p, d = W.shape
     r, m = cfg.resolve_r(p, d), cfg.resolve_m(N)
     target = min(cfg.target_support, m)
@@ -420,6 +460,7 @@ def fit_bank(
         prev_support = support
         norms = bank.reshape(m, -1).norm(dim=1)
         rec["atom_norm_dev"] = float((norms - 1).abs().max())
+        rec.update(_coherence_metrics(bank))
         rec.update(M.nonfinite_counts(bank=bank, alpha=alpha, A=A))
         rec["peak_memory_bytes"] = M.peak_memory_bytes(device)
         rec.update(M.backend_metrics())
@@ -462,8 +503,14 @@ def fit_bank(
             H = C.T @ C
             ridge = lam_B * float(H.diagonal().mean().clamp_min(torch.finfo(H.dtype).tiny))
             H = H + ridge * torch.eye(m, dtype=dtype, device=device)
-            rhs = C.T @ X[train].reshape(C.shape[0], -1)
-            Bf, mod_fallback, _ = _solve_spd(H, rhs)
+            if cfg.coherence > 0:
+                Bf, coh = mod_solve_with_coherence(C, X[train], lam_B, cfg.coherence, cfg.coherence_iters)
+                mod_fallback = bool(coh["fallback"])
+                extra["coherence_iterations"] = coh["iterations"]
+                extra["max_coherence_unpenalised"] = coh["max_coherence_start"]
+            else:
+                rhs = C.T @ X[train].reshape(C.shape[0], -1)
+                Bf, mod_fallback, _ = _solve_spd(H, rhs)
             ev = torch.linalg.eigvalsh(H.double())
             extra["cond_mod"] = float(ev[-1] / ev[0].clamp_min(1e-300))
             new_bank = Bf.reshape(m, r, d)
@@ -603,7 +650,7 @@ def fit_bank(
         **seed_metrics,
         **M.atom_popularity(alpha, keep_vector=True),
     }
-    return FitResult(
+    fit = FitResult(
         bank=bank.float(),
         alpha=alpha.float(),
         A=A_out.float(),
@@ -614,3 +661,12 @@ def fit_bank(
         m=m,
         val_index=val_index,
     )
+    if W_orig is not None:
+        from globe.refine import apply_refinement
+
+        t0 = time.perf_counter()
+        fit = apply_refinement(fit, W_orig, cfg, callback=callback)
+        fit.metrics["refine_time_s"] = time.perf_counter() - t0
+        fit.metrics["fit_time_s"] = time.perf_counter() - t_start
+        fit.metrics.update({f"final.{k}": v for k, v in _coherence_metrics(fit.bank).items()})
+    return fit

@@ -205,11 +205,42 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
     ),
     "pg_iters": (("--pg-iters",), "N", "projected-gradient iterations of the weight-aware code update"),
     "kmeans_iters": (("--kmeans-iters",), "N", "Lloyd iterations of the initial k-means bank"),
-    "phi": (("--phi",), None, "nonlinearity of the composition phi(sum_j alpha_ij B_j)"),
+    "phi": (
+        ("--phi",),
+        None,
+        "nonlinearity of the composition phi(sum_j alpha_ij B_j); the AM fits identity, tanh and silu are "
+        "fitted by the refinement stage and need --refine-steps",
+    ),
     "center": (("--center",), None, "subtract the per-family mean before fitting (folded back at export)"),
     "seed": (("--seed",), "N", "random seed: the same seed and inputs give bit-identical factors on CPU"),
     "device": (("--device",), "DEV", "torch device of the fit, e.g. cpu or cuda"),
     "dtype": (("--dtype",), None, "precision of the fit"),
+    "budget": (
+        ("--budget",),
+        "F",
+        "fraction in (0, 1] of the original gate/up parameters: choose r, m, scope and center by a short "
+        "search on a sample of experts (replaces --r, --m, --scope, --center; the candidates are recorded in "
+        "the artifact's config)",
+    ),
+    "refine_steps": (
+        ("--refine-steps",),
+        "N",
+        "iterations of the refinement through phi after the AM, early-stopped on the held-out experts "
+        "(none or 0: no refinement; required for --phi tanh or silu)",
+    ),
+    "refine_method": (
+        ("--refine-method",),
+        None,
+        "refinement optimiser: adam (Adam on adapters, bank and codes) or gn (block Gauss-Newton)",
+    ),
+    "refine_time_limit": (("--refine-time-limit",), "SEC", "seconds of refinement per bank at most"),
+    "coherence": (
+        ("--coherence",),
+        "MU",
+        "relative weight of the atom-coherence penalty mu sum_{j!=k} <B_j, B_k>^2 in the dictionary step "
+        "(0: off; proxy mode only)",
+    ),
+    "coherence_iters": (("--coherence-iters",), "N", "iterations of the coherence-penalised dictionary solve"),
 }
 
 
@@ -225,6 +256,7 @@ def _choices(field_name: str) -> Sequence[str] | None:
         "scope": getattr(cm, "SCOPES", None),
         "sparsity": getattr(cm, "SPARSITIES", None),
         "phi": getattr(cm, "PHIS", None),
+        "refine_method": getattr(cm, "REFINE_METHODS", None),
         "seeding": getattr(cm, "SEEDING_METHODS", None),
         "dtype": tuple(getattr(cm, "DTYPES", {})) or None,
     }
@@ -284,9 +316,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> list[str]:
             kwargs.update(type=_key_value, action="append")
         elif isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, int) or name in ("top_k",):
+        elif isinstance(default, int) or name in ("top_k", "refine_steps"):
             kwargs["type"] = int
-        elif isinstance(default, float):
+        elif isinstance(default, float) or name in ("budget", "refine_time_limit"):
             kwargs["type"] = float
         choices = _choices(name)
         if choices:
@@ -342,6 +374,11 @@ def check_before_writing(config: Any) -> None:
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device: {config.device} was asked for, but torch sees no CUDA device")
+    if config.phi != "identity" and not config.refine_steps:
+        raise UsageError(
+            f"--phi: {config.phi} is fitted by the refinement stage after the linear AM; pass --refine-steps N "
+            "(e.g. 200 with --refine-method adam)"
+        )
     try:
         from globe.seeding import SEEDERS, _options_of
     except ImportError:  # an older seeding package: it checks its own options when it runs
@@ -710,7 +747,12 @@ def _make_sinks(out: Path, config: Any, args: argparse.Namespace, sweep: dict[st
     if args.wandb:
         try:
             sinks.append(
-                logs.WandbSink(args.wandb_project, {**config.to_dict(), **sweep}, offline_if_no_credentials=True)
+                logs.WandbSink(
+                    args.wandb_project,
+                    {**config.to_dict(), **sweep},
+                    offline_if_no_credentials=True,
+                    dir=str(out),  # the run's files stay with the rest of the output, not in the working folder
+                )
             )
         except ImportError:
             raise UsageError("--wandb: the wandb package is not installed (pip install 'globe-moe[wandb]')") from None
@@ -780,15 +822,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from globe.io import open_checkpoint
 
     ckpt = open_checkpoint(checkpoint)
-    r, m, n = check_sizes(config, ckpt)
+    # with --budget the search picks r, m and scope (compress records the choice), so the given ones are moot
+    r, m, n = check_sizes(config, ckpt) if config.budget is None else (None, None, None)
     check_before_writing(config)
     resume, complete = prepare_output(out, config, checkpoint, resume=args.resume, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    sizes = (
+        f"r, m, scope and center chosen for a budget of {config.budget} of the gate/up parameters"
+        if config.budget is not None
+        else f"r={r}, m={m} per bank over n={n} experts (scope {config.scope})"
+    )
     say(
         f"compressing {ckpt.arch} at {checkpoint}: {len(ckpt.moe_layers)} MoE layers x {ckpt.num_experts} "
-        f"experts, p={ckpt.expert_dim}, d={ckpt.hidden_size}; r={r}, m={m} per bank over n={n} experts "
-        f"(scope {config.scope}), seeding {config.seeding}, {config.steps} AM steps at most"
+        f"experts, p={ckpt.expert_dim}, d={ckpt.hidden_size}; {sizes}, seeding {config.seeding}, "
+        f"{config.steps} AM steps at most"
+        + (f", then {config.refine_steps} {config.refine_method} refinement steps (phi {config.phi})"
+           if config.refine_steps else "")
     )
     if not complete:
         _write_json(out / CONFIG_FILE, config.to_dict())

@@ -11,6 +11,16 @@ with a small JSON beside it holding the fingerprint of the config and the checkp
 skips parts whose JSON matches and refuses (ConfigError) parts written under another config. Each part's
 random generator is seeded from (config.seed, family, scope id) alone, so a resumed run gives the same factors
 as an uninterrupted one, bit for bit on CPU. The partial folder is removed once the artifact is saved.
+
+Budget (``config.budget``): before anything is fitted, :func:`globe.budget.choose_by_budget` picks r, m, scope
+and center by short linear fits on a sample of the checkpoint's gate experts; the winner's config replaces the
+given one before the fingerprint is taken (a resumed run makes the same, deterministic choice), and the saved
+config record holds the search (``"budget_choice"``: candidates, their errors, the reason). The refinement
+settings of the given config are kept (the search itself fits the linear model only).
+
+Refinement (``config.phi`` / ``config.refine_steps``): done inside :func:`globe.am.fit_bank`; its records go to
+the sinks with ``kind="refine_step"`` and the artifact records the fitted φ, which inference applies after
+composing.
 """
 
 from __future__ import annotations
@@ -86,6 +96,14 @@ def compress(
 
     cfg = config or GlobeConfig()
     cfg.validate()
+    budget_choice: dict[str, Any] | None = None
+    if cfg.budget is not None:
+        from globe.budget import choose_by_budget
+
+        # the search fits the linear model only; the refinement settings are put back on the winner
+        choice = choose_by_budget(checkpoint_path, cfg.budget, cfg.replace(refine_steps=None))
+        cfg = choice.config.replace(refine_steps=cfg.refine_steps)
+        budget_choice = choice.to_dict()
     out = Path(out_dir)
     partial = out / PARTIAL
     logger = MetricLogger(sinks)
@@ -143,8 +161,14 @@ def compress(
             io_seconds += time.perf_counter() - t0
             io_bytes += W.numel() * element
             step_logger = logger.child(kind="am_step", family=fam, scope_id=sid)
+            refine_logger = logger.child(kind="refine_step", family=fam, scope_id=sid)
 
-            def on_step(rec: dict[str, Any], _log=step_logger, _info=info) -> None:
+            def on_step(rec: dict[str, Any], _log=step_logger, _rlog=refine_logger, _info=info) -> None:
+                if rec.get("stage") == "refine":
+                    _rlog.log(rec)
+                    emit({"event": "refine_step", **_info, "step": rec["step"], "rel_error": rec["rel_error"],
+                          "rel_error_val": rec.get("rel_error_val")})
+                    return
                 _log.log(rec)
                 emit(
                     {
@@ -227,6 +251,8 @@ def compress(
         "m_resolved": resolved.get("m"),
         "fingerprint": fp,
     }
+    if budget_choice is not None:
+        config_record["budget_choice"] = budget_choice
     art = Artifact.from_factors(
         scope=cfg.scope,
         phi=cfg.phi,

@@ -28,13 +28,14 @@ import torch
 
 from globe.errors import ConfigError
 
-__all__ = ["GlobeConfig", "R_PRESETS", "M_PRESETS", "SPARSITIES", "SCOPES", "PHIS"]
+__all__ = ["GlobeConfig", "R_PRESETS", "M_PRESETS", "SPARSITIES", "SCOPES", "PHIS", "REFINE_METHODS"]
 
 R_PRESETS = {"p/2": (1, 2), "3p/4": (3, 4), "p": (1, 1)}
 M_PRESETS = {"n/8": (1, 8), "n/4": (1, 4), "n/2": (1, 2)}
 SPARSITIES = ("entmax15", "sparsemax", "entmax_bisect", "topk")
 SCOPES = ("global", "layer")
 PHIS = ("identity", "tanh", "silu")
+REFINE_METHODS = ("adam", "gn")
 SEEDING_METHODS = ("ts_pca", "left_gram_pca", "svd", "spherical_kmeans", "residual_greedy")
 INITS = ("subspace", "kmeans")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -57,11 +58,24 @@ class GlobeConfig:
     refresh_targets (proxy mode): after the first step, replace the fixed proxies by each expert's
     least-squares right factor given its current adapter, pinv(A_i) Z_i (fixes the per-expert gauge of the
     proxies). phi: the
-    nonlinearity of the composition (this trainer fits "identity" only). center: subtract the per-family mean.
+    nonlinearity of the composition; the AM fits "identity" (the warm start) and "tanh" / "silu" are reached
+    by the refinement stage, so they need refine_steps. center: subtract the per-family mean.
     init: the initial bank, "kmeans" (k-means over the flattened proxies, the design document's step) or
     "subspace" (k-subspaces over the proxies' row spaces, frame-free, one-hot codes; measured no better on
     planted data so far); init_restarts: draws of it, the one with the lowest training objective is kept.
     seed, device, dtype: reproducibility and placement of the fit.
+
+    budget: when set, a fraction in (0, 1] of the original gate/up parameters; :func:`globe.compress.compress`
+    then chooses r, m, scope and center by a short search on a sample of experts
+    (:func:`globe.budget.choose_by_budget`) and records the candidates; the r, m, scope and center given here
+    are replaced by the winner's. refine_steps: iterations of the refinement through phi after the AM
+    (:func:`globe.refine.apply_refinement`, early-stopped on the held-out experts); None or 0: no refinement,
+    which phi other than "identity" does not allow (fit_bank raises ConfigError). refine_method: "adam" (Adam on
+    A, bank and codes jointly) or "gn" (block Gauss-Newton / Levenberg-Marquardt). refine_time_limit: seconds
+    of refinement at most (None: no limit). coherence: relative weight mu of the atom-coherence penalty
+    mu sum_{j != k} <B_j, B_k>^2 in the proxy-mode dictionary step (:func:`globe.coherence.
+    mod_solve_with_coherence`; 0 = the plain MOD solve; not available with weight_aware); coherence_iters:
+    its preconditioned gradient iterations at most.
     """
 
     r: str | int = "p/2"
@@ -96,6 +110,12 @@ class GlobeConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    budget: float | None = None
+    refine_steps: int | None = None
+    refine_method: str = "adam"
+    refine_time_limit: float | None = None
+    coherence: float = 0.0
+    coherence_iters: int = 20
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,6 +203,18 @@ class GlobeConfig:
             raise bad("device", "must be a torch device string such as 'cpu' or 'cuda'") from None
         if self.dtype not in DTYPES:
             raise bad("dtype", f"must be one of {sorted(DTYPES)}")
+        if self.budget is not None:
+            check_float("budget", 0.0, strict=True, hi=1.0)
+        check_int("refine_steps", 0, allow_none=True)
+        if self.refine_method not in REFINE_METHODS:
+            raise bad("refine_method", f"must be one of {REFINE_METHODS}")
+        if self.refine_time_limit is not None:
+            check_float("refine_time_limit", 0.0, strict=True)
+        check_float("coherence", 0.0)
+        check_int("coherence_iters", 0)
+        if self.coherence > 0 and self.weight_aware:
+            raise bad("coherence", "the coherence penalty acts on the proxy-mode dictionary step; it is not "
+                                   "available with weight_aware=True")
 
     # --- resolution -------------------------------------------------------------------------------------
 
@@ -235,9 +267,16 @@ class GlobeConfig:
         return GlobeConfig.from_dict({**self.to_dict(), **changes})
 
     def fingerprint(self) -> str:
-        """SHA-256 of the settings that change the factors (device excluded: it changes placement only)."""
+        """SHA-256 of the settings that change the factors (device excluded: it changes placement only).
+
+        The budget, refinement and coherence settings enter only when they differ from their defaults, so a
+        default config keeps the fingerprint it had before they existed (partial results stay resumable).
+        """
         data = self.to_dict()
         data.pop("device", None)
+        for name, default in _LATER_DEFAULTS.items():
+            if data.get(name) == default:
+                data.pop(name)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def sweep_key(self, r: int | None = None, m: int | None = None) -> dict[str, Any]:
@@ -250,6 +289,13 @@ class GlobeConfig:
             "lambda_B": self.lambda_B,
             "lambda_A": self.lambda_A,
         }
+
+
+# fields added after the first release: left out of the fingerprint while at their defaults
+_LATER_FIELDS = ("budget", "refine_steps", "refine_method", "refine_time_limit", "coherence", "coherence_iters")
+_LATER_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(GlobeConfig) if f.name in _LATER_FIELDS
+}
 
 
 def _plain(v: Any) -> Any:
