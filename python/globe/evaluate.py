@@ -198,20 +198,21 @@ def _total_row(
     }
 
 
+def format_cell(value: Any, spec: str) -> str:
+    """One table cell: "-" for a missing value, "nan" for NaN, else ``format(value, spec)`` or ``str(value)``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
     """Plain-text table; ``columns``: (key, header, format spec), e.g. ("rel_error", "rel. error", ".4f")."""
-
-    def cell(value: Any, spec: str) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float) and math.isnan(value):
-            return "nan"
-        try:
-            return format(value, spec)
-        except (TypeError, ValueError):
-            return str(value)
-
-    body = [[cell(row.get(key), spec) for key, _, spec in columns] for row in rows]
+    body = [[format_cell(row.get(key), spec) for key, _, spec in columns] for row in rows]
     headers = [header for _, header, _ in columns]
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]

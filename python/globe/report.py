@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from globe.evaluate import format_cell as _fmt
+
 __all__ = ["PLOTS", "load_records", "part_of", "step_of", "write_report"]
 
 PLOTS = {
@@ -336,15 +338,6 @@ def _md_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    try:
-        return format(value, spec)
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def _read_json(path: Path) -> Any:
