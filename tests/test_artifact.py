@@ -2,39 +2,17 @@
 
 import json
 
+import factories
 import pytest
 import torch
-from globe.artifact import FACTORS, MANIFEST, Artifact, _sha256, load_artifact
+from globe.artifact import FACTORS, MANIFEST, _sha256, load_artifact
 from globe.errors import ArtifactError
 from safetensors.torch import load_file, save_file
 
-from globe_kernels import ops
-
 
 def _artifact(scope="layer", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n, p, r, d, m, layers = 5, 6, 3, 7, 4, [0, 2]
-    banks, means, codes, adapters = {}, {}, {}, {}
-    for fam in ("gate", "up"):
-        sids = ["global"] if scope == "global" else [f"layer{L}" for L in layers]
-        for sid in sids:
-            B = torch.randn(m, r, d, generator=g)
-            banks[(fam, sid)] = B / B.flatten(1).norm(dim=1)[:, None, None]
-            means[(fam, sid)] = torch.randn(p, d, generator=g)
-        for L in layers:
-            a = torch.rand(n, m, generator=g) * (torch.rand(n, m, generator=g) < 0.6)
-            a[:, 0] += 0.1
-            codes[(fam, L)] = ops.to_sparse_codes(a / a.sum(1, keepdim=True))
-            adapters[(fam, L)] = torch.randn(n, p, r, generator=g)
-    return Artifact.from_factors(
-        scope=scope,
-        phi="identity",
-        banks=banks,
-        codes=codes,
-        adapters=adapters,
-        means=means,
-        config={"r": r},
-        metrics={"rel_error": 0.1},
+    return factories.random_artifact(
+        n=5, p=6, d=7, r=3, m=4, layers=[0, 2], scope=scope, seed=seed, config={"r": 3}, metrics={"rel_error": 0.1}
     )
 
 

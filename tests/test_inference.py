@@ -19,9 +19,10 @@ import gc
 import math
 import weakref
 
+import factories
 import pytest
 import torch
-from globe.artifact import Artifact, scope_id
+from globe.artifact import Artifact
 from globe.errors import ArtifactError
 from globe.inference import (
     GlobeFactors,
@@ -35,7 +36,6 @@ from globe.inference.archs import expert_dims, find_experts
 from globe.synthetic import build_tiny_model
 
 from globe_kernels import reference
-from globe_kernels.ops import SparseCodes
 
 ARCHS = ["qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v2", "deepseek_v3", "mixtral", "gpt_oss"]
 MODES = ["precomposed", "bank"]
@@ -63,40 +63,27 @@ def random_artifact(
     d: int | None = None,
     layers: list[int] | None = None,
 ) -> Artifact:
-    """Random factors of the right shapes for ``model``: unit-norm atoms, sparse simplex codes with k atoms
-    per expert (``pad``: a third of the experts use fewer, with -1 slots), adapters sized so that the dense
-    reconstruction has entries ~0.02 like an initialised expert, and an optional mean."""
-    gen = torch.Generator().manual_seed(seed)
+    """Random factors of the right shapes for ``model`` (see factories.random_artifact), with adapters sized so
+    that the dense reconstruction has entries ~0.02 like an initialised expert and a small optional mean."""
     sites = find_experts(model)
     n0, p0, d0 = expert_dims(sites[0].module)
     n, p, d = n or n0, p or p0, d or d0
-    layers = [s.layer for s in sites] if layers is None else layers
-    banks, codes, adapters, means = {}, {}, {}, {}
-    for f in families:
-        for layer in layers:
-            sid = scope_id(scope, layer)
-            if (f, sid) not in banks:
-                B = torch.randn(m, r, d, generator=gen)
-                banks[(f, sid)] = B / B.flatten(1).norm(dim=1)[:, None, None]
-                if mean:
-                    means[(f, sid)] = 0.01 * torch.randn(p, d, generator=gen)
-            idx = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(n)]).to(torch.int32)
-            val = -torch.rand(n, k, generator=gen).clamp_min(1e-6).log()
-            if pad:
-                short = torch.arange(n) % 3 == 0
-                idx[short, 1:] = -1
-                val[short, 1:] = 0
-            codes[(f, layer)] = SparseCodes(idx, val / val.sum(1, keepdim=True))
-            adapters[(f, layer)] = 0.02 * math.sqrt(d * k) * torch.randn(n, p, r, generator=gen)
-    return Artifact.from_factors(
+    return factories.random_artifact(
+        n=n,
+        p=p,
+        d=d,
+        layers=[s.layer for s in sites] if layers is None else layers,
+        r=r,
+        m=m,
+        k=k,
         scope=scope,
         phi=phi,
-        banks=banks,
-        codes=codes,
-        adapters=adapters,
-        means=means,
-        source={"arch": model.config.model_type},
+        mean_scale=0.01 if mean else None,
+        adapter_scale=0.02 * math.sqrt(d * k),
+        pad=pad,
+        seed=seed,
         families=families,
+        source={"arch": model.config.model_type},
     )
 
 

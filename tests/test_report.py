@@ -11,11 +11,8 @@ import math
 import re
 import struct
 
-import torch
-from globe.artifact import Artifact
+import factories
 from globe.report import PLOTS, load_records, part_of, step_of, write_report
-
-from globe_kernels.ops import SparseCodes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -46,28 +43,15 @@ def assert_real_plot(path):
     assert 0.3 < white < 0.995, f"{path.name}: background share {white:.3f}"
 
 
-def random_artifact(scope="global", layers=(0, 2), n=6, p=10, d=12, r=4, m=5, k=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    banks, codes, adapters, means = {}, {}, {}, {}
-    for fam in ("gate", "up"):
-        sids = ["global"] if scope == "global" else [f"layer{L}" for L in layers]
-        for sid in sids:
-            B = torch.randn(m, r, d, generator=gen)
-            banks[(fam, sid)] = B / B.flatten(1).norm(dim=1)[:, None, None]
-            means[(fam, sid)] = torch.randn(p, d, generator=gen)
-        for L in layers:
-            idx = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(n)]).to(torch.int32)
-            idx[0, 1:] = -1  # an expert with a single atom
-            val = torch.rand(n, k, generator=gen) * (idx >= 0)
-            codes[(fam, L)] = SparseCodes(idx, val / val.sum(1, keepdim=True))
-            adapters[(fam, L)] = torch.randn(n, p, r, generator=gen)
-    return Artifact.from_factors(
+def random_artifact(scope="global", layers=(0, 2), seed=0):
+    return factories.random_artifact(
+        n=6,
+        p=10,
+        d=12,
+        layers=layers,
         scope=scope,
-        phi="identity",
-        banks=banks,
-        codes=codes,
-        adapters=adapters,
-        means=means,
+        pad=True,
+        seed=seed,  # padding: experts with a single atom
         source={"path": "/nowhere/ckpt", "arch": "qwen3_moe"},
     )
 
