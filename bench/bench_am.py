@@ -1,10 +1,12 @@
-"""Seconds per AM step on CPU at the shapes of one Qwen3-30B-A3B layer (planted synthetic experts).
+"""Seconds per AM step at the shapes of one Qwen3-30B-A3B layer (planted synthetic experts).
 
     PYTHONPATH=python:. python bench/bench_am.py            # N=128, p=768, d=2048, r=384, m=32
     PYTHONPATH=python:. python bench/bench_am.py --small    # N=32, p=192, d=512, r=96, m=8
     ... --weight-aware                                       # the weight-aware mode as well
+    ... --device cuda                                        # on the GPU (default: cpu)
 
-Prints one row per mode: warm start + initial bank time, median (min-max) seconds per AM step, peak RSS.
+Prints one row per mode: warm start + initial bank time, median (min-max) seconds per AM step, peak memory
+(RSS on CPU, allocated device memory on CUDA).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--weight-aware", action="store_true", help="also time the weight-aware mode")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="where the fit runs (cpu, cuda)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,12 +45,14 @@ def main() -> None:
         f"# bench_am: {name} N={s['N']} p={s['p']} d={s['d']} r={s['r']} m={s['m']}, {args.steps} steps, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}"
+        + (f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else "")
     )
-    print("| mode | init s | s/step median | min | max | rel error | peak RSS GB |")
+    print("| mode | init s | s/step median | min | max | rel error | peak memory GB |")
     print("|---|---|---|---|---|---|---|")
     modes = [False] + ([True] if args.weight_aware else [])
     for wa in modes:
-        cfg = GlobeConfig(r=s["r"], m=s["m"], steps=args.steps, patience=args.steps + 1, weight_aware=wa)
+        cfg = GlobeConfig(r=s["r"], m=s["m"], steps=args.steps, patience=args.steps + 1, weight_aware=wa,
+                          device=args.device)
         t0 = time.perf_counter()
         fit = fit_bank(
             W,

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU run of the kernels: the GPU tests, then the benchmarks, summarised in OUTDIR/RESULTS_gpu.md.
 #
-#   bench/gpu.sh OUTDIR
+#   bench/gpu.sh OUTDIR [STEP ...]
+#
+# STEP: any of env tests bench_ops bench_cholesky bench_decode bench_am (default: all, in that order; env always
+# runs). Each step is cut off after STEP_TIMEOUT seconds (default 900) so one hang cannot eat the others.
 #
 # Run from anywhere on a CUDA machine with the project's environment (PYTHON=/path/to/python to choose the
 # interpreter; default: python3). Steps, each logged to OUTDIR/<step>.log, each allowed to fail without
@@ -13,18 +16,27 @@
 #      device-to-device copy of the same bytes, prune_renorm, adapter_gemm precomposed and bank mode at prefill
 #      and decode sizes against the dense grouped expert GEMM, Cholesky against torch on CUDA);
 #   3. the batched Cholesky sweep on CUDA (bench/bench_cholesky.py --device cuda);
-#   4. decode throughput of a patched model (bench/bench_decode.py), when present.
+#   4. decode throughput of a patched model (bench/bench_decode.py);
+#   5. seconds per AM step of the trainer at one Qwen3-30B-A3B layer's shapes (bench/bench_am.py), proxy and
+#      weight-aware mode.
 # Without a CUDA device the script still runs, as a dry run of itself: small shapes, CPU benchmarks, and the
 # summary says so. Nothing is written outside OUTDIR except the usual caches (the extension's just-in-time build in
 # ~/.cache/globe_kernels, Triton's kernel cache, pip/torch caches): no .pytest_cache, no __pycache__, no
 # pytest-benchmark storage in the checkout.
 set -uo pipefail
 
-if [ $# -ne 1 ]; then
-    echo "usage: $0 OUTDIR" >&2
+if [ $# -lt 1 ]; then
+    echo "usage: $0 OUTDIR [STEP ...]" >&2
     exit 2
 fi
 OUT=$1
+shift
+ALL_STEPS="tests bench_ops bench_cholesky bench_decode bench_am"
+WANT=" ${*:-$ALL_STEPS} "
+for s in $WANT; do
+    case " $ALL_STEPS " in *" $s "*) ;; *) echo "unknown step $s (steps: $ALL_STEPS)" >&2; exit 2 ;; esac
+done
+STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,21 +53,26 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     SIZE=full
     CHOL_ARGS=(--device cuda --reps 7)
     DECODE_ARGS=(--device cuda --dtype bfloat16 --shape qwen3-medium)
+    AM_ARGS=(--device cuda --steps 3 --weight-aware)
 else
     CUDA=0
     SIZE=small
     CHOL_ARGS=(--device cpu --reps 3 --threads 2 --r 8 64)
     DECODE_ARGS=(--device cpu --repeats 1)
+    AM_ARGS=(--device cpu --small --steps 2)
     echo "no CUDA device: dry run on CPU (small shapes)" >&2
 fi
 
 declare -A STATUS
-step() {  # step NAME CMD...: run CMD, log to OUT/NAME.log, remember its exit status
+step() {  # step NAME CMD...: run CMD (if NAME was asked for), log to OUT/NAME.log, remember its exit status
     local name=$1
     shift
+    if [ "$name" != env ] && [[ "$WANT" != *" $name "* ]]; then
+        return 0
+    fi
     echo "== $name: $*" >&2
     local start=$SECONDS
-    "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=30 "$STEP_TIMEOUT" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     STATUS[$name]="exit $rc, $((SECONDS - start)) s"
     echo "   -> exit $rc ($((SECONDS - start)) s), log $OUT/$name.log" >&2
@@ -83,7 +100,7 @@ except Exception as exc:
     print("nvidia-smi:", exc)
 EOF
 
-step tests "${PYTEST[@]}" tests/test_gpu.py tests/test_cholesky.py -m gpu -q -rs \
+step tests "${PYTEST[@]}" tests -m gpu -q -rs \
     --junitxml="$OUT/tests_junit.xml"
 
 step bench_ops "${PYTEST[@]}" bench/bench_ops.py -o python_files='bench_*.py' -q --benchmark-enable \
@@ -92,9 +109,9 @@ step bench_ops "${PYTEST[@]}" bench/bench_ops.py -o python_files='bench_*.py' -q
 
 step bench_cholesky "$PY" bench/bench_cholesky.py "${CHOL_ARGS[@]}"
 
-if [ -f bench/bench_decode.py ]; then
-    step bench_decode "$PY" bench/bench_decode.py "${DECODE_ARGS[@]}"
-fi
+step bench_decode "$PY" bench/bench_decode.py "${DECODE_ARGS[@]}"
+
+step bench_am "$PY" bench/bench_am.py "${AM_ARGS[@]}"
 
 # ---- the summary ------------------------------------------------------------------------------------------
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
@@ -124,32 +141,40 @@ TESTLINE=$(grep -E "(passed|failed|error|skipped)" "$OUT/tests.log" 2>/dev/null 
     echo
     echo "| step | status | log |"
     echo "|---|---|---|"
-    for name in env tests bench_ops bench_cholesky bench_decode; do
+    for name in env $ALL_STEPS; do
         [ -n "${STATUS[$name]+x}" ] && echo "| $name | ${STATUS[$name]} | $name.log |"
     done
     echo
     echo "## GPU tests"
     echo
-    echo "\`python -m pytest tests/test_gpu.py tests/test_cholesky.py -m gpu\`: ${TESTLINE:-see tests.log}"
+    echo "\`python -m pytest tests -m gpu\`: ${TESTLINE:-see tests.log}"
     echo
     grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/tests.log" 2>/dev/null | sed 's/^/    /' | head -n 40
     echo
     if [ -f "$OUT/bench_ops.md" ]; then
         cat "$OUT/bench_ops.md"
-    else
+    elif [ -n "${STATUS[bench_ops]+x}" ]; then
         echo "## Op microbenchmarks"
         echo
         echo "no table (see bench_ops.log)"
     fi
     echo
-    echo "## Batched Cholesky (bench/bench_cholesky.py ${CHOL_ARGS[*]})"
-    echo
-    sed -n '/^## Batched/,$p' "$OUT/bench_cholesky.log" 2>/dev/null | tail -n +2
+    if [ -n "${STATUS[bench_cholesky]+x}" ]; then
+        echo "## Batched Cholesky (bench/bench_cholesky.py ${CHOL_ARGS[*]})"
+        echo
+        sed -n '/^## Batched/,$p' "$OUT/bench_cholesky.log" 2>/dev/null | tail -n +2
+    fi
     if [ -n "${STATUS[bench_decode]+x}" ]; then
         echo
         echo "## Decode throughput (bench/bench_decode.py ${DECODE_ARGS[*]})"
         echo
         grep -E "^\||^#" "$OUT/bench_decode.log" 2>/dev/null || tail -n 30 "$OUT/bench_decode.log"
+    fi
+    if [ -n "${STATUS[bench_am]+x}" ]; then
+        echo
+        echo "## AM step time (bench/bench_am.py ${AM_ARGS[*]})"
+        echo
+        grep -E "^\||^# bench_am" "$OUT/bench_am.log" 2>/dev/null || tail -n 30 "$OUT/bench_am.log"
     fi
 } >"$OUT/RESULTS_gpu.md"
 
