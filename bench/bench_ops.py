@@ -78,13 +78,21 @@ def shapes(request, bench_size) -> OpShapes:
 
 
 def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    # inputs are drawn on the device itself: at DeepSeek-V3's sizes the dense baseline's weights alone are
+    # 7.5 G elements, which take minutes to draw on the host and copy over
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def randn(*shape: int, gen: torch.Generator, scale: float = 1.0, dtype: torch.dtype = DTYPE) -> torch.Tensor:
+    out = torch.randn(*shape, generator=gen, device=DEVICE, dtype=dtype)
+    return out.mul_(scale) if scale != 1.0 else out
 
 
 def random_codes(n: int, m: int, k: int, gen: torch.Generator) -> ops.SparseCodes:
-    idx = torch.stack([torch.randperm(m, generator=gen)[:k] for _ in range(n)]).to(torch.int32)
-    val = torch.rand(n, k, generator=gen) + 0.1
-    return ops.SparseCodes(idx.to(DEVICE), (val / val.sum(1, keepdim=True)).to(DEVICE))
+    """k distinct atoms per expert (the first k of a random permutation of each row), weights on the simplex."""
+    idx = torch.rand(n, m, generator=gen, device=DEVICE).argsort(dim=1)[:, :k].to(torch.int32)
+    val = torch.rand(n, k, generator=gen, device=DEVICE) + 0.1
+    return ops.SparseCodes(idx, val / val.sum(1, keepdim=True))
 
 
 def sync() -> None:
@@ -127,7 +135,7 @@ def elt(dtype: torch.dtype) -> int:
 
 def compose_case(s: OpShapes):
     gen = _gen(1)
-    bank = (torch.randn(s.m, s.r, s.d, generator=gen) / math.sqrt(s.d)).to(DEVICE, DTYPE)
+    bank = randn(s.m, s.r, s.d, gen=gen, scale=1 / math.sqrt(s.d))
     codes = random_codes(s.n, s.m, s.k, gen)
     used = int(torch.unique(codes.indices).numel())
     e = elt(DTYPE)
@@ -172,8 +180,7 @@ def test_prune_renorm(benchmark, bench_record, shapes, impl):
     n = s.n * layers
     m = max(n // 4, 2)
     gen = _gen(2)
-    logits = torch.randn(n, m, generator=gen) * 3
-    alpha = torch.softmax(logits, dim=1).to(DEVICE)
+    alpha = torch.softmax(randn(n, m, gen=gen, scale=3.0, dtype=torch.float32), dim=1)
     eps = 1.0 / m
     case = f"prune_renorm {s.model} (n={n} m={m})"
     nbytes = 2 * n * m * 4 + n * 4
@@ -191,13 +198,13 @@ def test_prune_renorm(benchmark, bench_record, shapes, impl):
 
 def routing(s: OpShapes, tokens: int, gen: torch.Generator):
     """x sorted by expert [T * top_k, d] and offsets [n + 1] for `tokens` tokens routed to top_k experts."""
-    scores = torch.rand(tokens, s.n, generator=gen)
+    scores = torch.rand(tokens, s.n, generator=gen, device=DEVICE)
     expert_ids = scores.topk(s.top_k, dim=1).indices.flatten()
     perm, offsets = ops.group_by_expert(expert_ids, s.n)
-    x = torch.randn(tokens, s.d, generator=gen)
+    x = randn(tokens, s.d, gen=gen)
     x_sorted = x[perm // s.top_k]
     active = int((offsets[1:] > offsets[:-1]).sum())
-    return x_sorted.to(DEVICE, DTYPE), offsets.to(DEVICE), active
+    return x_sorted, offsets, active
 
 
 def dense_expert_gemm(x, offsets, W_gate, W_up):
@@ -225,15 +232,15 @@ def test_adapter_gemm(benchmark, bench_record, shapes, impl, phase):
     io_bytes = T * s.d * e + T * s.p * e
     if impl == "torch":
         scale = 1.0 / math.sqrt(s.d)
-        W_gate = (torch.randn(s.n, s.p, s.d, generator=gen) * scale).to(DEVICE, DTYPE)
-        W_up = (torch.randn(s.n, s.p, s.d, generator=gen) * scale).to(DEVICE, DTYPE)
+        W_gate = randn(s.n, s.p, s.d, gen=gen, scale=scale)
+        W_up = randn(s.n, s.p, s.d, gen=gen, scale=scale)
         run(benchmark, lambda: dense_expert_gemm(x, offsets, W_gate, W_up))
         bench_record(case, "torch", flops=4.0 * T * s.d * s.p, nbytes=2 * active * s.p * s.d * e + io_bytes)
         return
-    A_gate = (torch.randn(s.n, s.p, s.r, generator=gen) / math.sqrt(s.r)).to(DEVICE, DTYPE)
-    A_up = (torch.randn(s.n, s.p, s.r, generator=gen) / math.sqrt(s.r)).to(DEVICE, DTYPE)
-    bank_g = (torch.randn(s.m, s.r, s.d, generator=gen) / math.sqrt(s.d)).to(DEVICE, DTYPE)
-    bank_u = (torch.randn(s.m, s.r, s.d, generator=gen) / math.sqrt(s.d)).to(DEVICE, DTYPE)
+    A_gate = randn(s.n, s.p, s.r, gen=gen, scale=1 / math.sqrt(s.r))
+    A_up = randn(s.n, s.p, s.r, gen=gen, scale=1 / math.sqrt(s.r))
+    bank_g = randn(s.m, s.r, s.d, gen=gen, scale=1 / math.sqrt(s.d))
+    bank_u = randn(s.m, s.r, s.d, gen=gen, scale=1 / math.sqrt(s.d))
     codes_g = random_codes(s.n, s.m, s.k, gen)
     codes_u = random_codes(s.n, s.m, s.k, gen)
     flops = 4.0 * T * s.r * (s.d + s.p)
@@ -270,9 +277,10 @@ def test_cholesky(benchmark, bench_record, shapes, impl):
     if DEVICE == "cpu" and s.r > 256:
         pytest.skip("r > 256 takes too long for a CPU run; see bench/bench_cholesky.py")
     gen = _gen(4)
-    Bt = torch.randn(s.n, s.r, s.d, generator=gen) / math.sqrt(s.d)
-    G = (Bt @ Bt.mT).to(DEVICE)
-    R = torch.randn(s.n, s.p, s.r, generator=gen).to(DEVICE)
+    Bt = randn(s.n, s.r, s.d, gen=gen, scale=1 / math.sqrt(s.d), dtype=torch.float32)
+    G = Bt @ Bt.mT
+    del Bt
+    R = randn(s.n, s.p, s.r, gen=gen, dtype=torch.float32)
     lam = 1e-3
     case = f"cholesky {s.model} (n={s.n} r={s.r} p={s.p}, fp32)"
     flops = s.n * (s.r**3 / 3 + 2.0 * s.p * s.r * s.r)

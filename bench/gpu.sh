@@ -4,7 +4,8 @@
 #   bench/gpu.sh OUTDIR [STEP ...]
 #
 # STEP: any of env tests bench_ops bench_cholesky bench_decode bench_am (default: all, in that order; env always
-# runs). Each step is cut off after STEP_TIMEOUT seconds (default 900) so one hang cannot eat the others.
+# runs). Each step is cut off after STEP_TIMEOUT seconds (default 900; TIMEOUT_<step> for one step) so one
+# hang cannot eat the others.
 #
 # Run from anywhere on a CUDA machine with the project's environment (PYTHON=/path/to/python to choose the
 # interpreter; default: python3). Steps, each logged to OUTDIR/<step>.log, each allowed to fail without
@@ -72,7 +73,8 @@ step() {  # step NAME CMD...: run CMD (if NAME was asked for), log to OUT/NAME.l
     fi
     echo "== $name: $*" >&2
     local start=$SECONDS
-    timeout --kill-after=30 "$STEP_TIMEOUT" "$@" >"$OUT/$name.log" 2>&1
+    local limit_var="TIMEOUT_$name"
+    timeout --kill-after=20 "${!limit_var:-$STEP_TIMEOUT}" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     STATUS[$name]="exit $rc, $((SECONDS - start)) s"
     echo "   -> exit $rc ($((SECONDS - start)) s), log $OUT/$name.log" >&2

@@ -38,7 +38,9 @@ from types import ModuleType
 import torch
 
 # cholesky_solve_batched is provided by the module __getattr__ below
-__all__ = ["ExtensionUnavailable", "load", "status", "missing_build_tools", "cholesky_solve_batched"]  # noqa: F822
+__all__ = [  # noqa: F822
+    "ExtensionUnavailable", "load", "status", "missing_build_tools", "cuda_max_r", "cholesky_solve_batched"
+]
 
 log = logging.getLogger("globe_kernels")
 
@@ -202,6 +204,29 @@ def status(load_ext: bool = True) -> dict:
     }
 
 
+def cuda_smem_bytes(r: int, elem_size: int, threads: int) -> int:
+    """Shared memory one block of the CUDA kernel needs (mirrors cholesky_cuda_smem_bytes in csrc)."""
+    return 8 * r + elem_size * (r + r * (r + 1) + r * (threads + 1))
+
+
+def cuda_max_r(dtype: torch.dtype, device: torch.device | str | int | None = None) -> int:
+    """Largest r the CUDA kernel takes in this dtype on this device (0 without the CUDA kernel).
+
+    Checked here, before the call, so that a system too large for the device's shared memory falls back to
+    torch without an exception crossing the compiled code.
+    """
+    module = load()
+    if not getattr(module, "with_cuda", 0) or not torch.cuda.is_available():
+        return 0
+    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    optin = int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+    elem = torch.empty((), dtype=dtype).element_size()
+    r = int(module.cuda_max_r)
+    while r > 0 and cuda_smem_bytes(r, elem, int(module.cuda_threads)) > optin:
+        r -= 1
+    return r
+
+
 def _cholesky_solve_batched(G: torch.Tensor, R: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
     """A_i = R_i (G_i + lam I)^-1 for n symmetric systems: G [n, r, r], R [n, p, r] -> (A, n_fallback).
 
@@ -221,9 +246,11 @@ def _cholesky_solve_batched(G: torch.Tensor, R: torch.Tensor, lam: float) -> tup
     if G.device.type == "cuda":
         if not getattr(module, "with_cuda", 0):
             raise ExtensionUnavailable("globe_kernels._C was built without its CUDA kernel")
-        if r > module.cuda_max_r:
+        limit = cuda_max_r(G.dtype, G.device)
+        if r > limit:
             raise NotImplementedError(
-                f"the CUDA kernel takes r <= {module.cuda_max_r} (one system per block in shared memory), got r={r}"
+                f"the CUDA kernel takes r <= {limit} in {G.dtype} on this device (one system per block in shared "
+                f"memory), got r={r}"
             )
     elif G.device.type != "cpu":
         raise ExtensionUnavailable(f"the extension has no kernel for {G.device.type} tensors")

@@ -12,6 +12,9 @@ multiples of what the arithmetic gives; errors are measured per system relative 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -236,15 +239,39 @@ def test_cuda_kernel(ext, dtype, n, r, p):
     gen = torch.Generator().manual_seed(r)
     G, R, flagged = mixed_batch(n, r, p, 0.1, gen)
     G, R = G.to(dtype).cuda(), R.to(dtype).cuda()
-    try:
-        A_raw, failed = torch.ops.globe_ext.cholesky_solve_batched(G, R, 0.1)
-    except RuntimeError as exc:
-        assert "shared memory" in str(exc)  # r too large for this device in this dtype
+    if r > _ext.cuda_max_r(dtype):  # too large for this device's shared memory in this dtype: torch's turn
+        with pytest.raises(NotImplementedError, match="shared"):
+            _ext.cholesky_solve_batched(G, R, 0.1)
         return
+    A_raw, failed = torch.ops.globe_ext.cholesky_solve_batched(G, R, 0.1)
     assert torch.equal(failed.cpu(), flagged)
     assert torch.isnan(A_raw[failed]).all() and not torch.isnan(A_raw[~failed]).any()
     A, n_bad = _ext.cholesky_solve_batched(G, R, 0.1)
     check(A.cpu(), n_bad, G.cpu(), R.cpu(), 0.1, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_oversize_raises_in_python_process(ext):
+    """The compiled check for a block too large for shared memory raises a RuntimeError naming it.
+
+    Run in a child process: this is the one path where an exception leaves the CUDA binding, and a broken
+    exception ABI between the extension and torch would take the whole test run down with it.
+    """
+    if not ext.with_cuda:
+        pytest.skip("globe_kernels._C was built without its CUDA kernel")
+    r = ext.cuda_max_r
+    if r <= _ext.cuda_max_r(torch.float64):
+        pytest.skip(f"r={r} fits this device in float64: nothing to refuse")
+    code = (
+        "import torch; from globe_kernels import _ext; m = _ext.load()\n"
+        f"G = torch.eye({r}, dtype=torch.float64, device='cuda').expand(2, {r}, {r}).contiguous()\n"
+        f"R = torch.ones(2, 3, {r}, dtype=torch.float64, device='cuda')\n"
+        "try:\n    torch.ops.globe_ext.cholesky_solve_batched(G, R, 0.1)\n"
+        "except RuntimeError as exc:\n    print('REFUSED', 'shared memory' in str(exc))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "REFUSED True" in done.stdout, (done.returncode, done.stdout, done.stderr[-2000:])
 
 
 @pytest.mark.gpu
