@@ -86,12 +86,14 @@ def decode_seconds(model, batch: int, prompt: int, new_tokens: int, device: str,
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=gen).to(device)
     out = model(input_ids=ids, use_cache=True)
-    past, token = out.cache, out.logits[:, -1:].argmax(-1)
+    # transformers >= 5.2x names the cache `cache`; earlier releases `past_key_values`
+    key = "cache" if hasattr(out, "cache") else "past_key_values"
+    past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
     sync(device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, cache=past, use_cache=True)
-        past, token = out.cache, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{key: past})
+        past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
     sync(device)
     return time.perf_counter() - start
 

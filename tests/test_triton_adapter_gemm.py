@@ -12,11 +12,15 @@ Every buffer the launcher allocates is filled with NaN first, so an element no k
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import torch  # noqa: E402  (importing torch does not import triton)
+
+# Before the first import of triton in this process. Not on a CUDA machine: there one pytest process also
+# runs tests/test_gpu.py, whose kernels must be compiled, and these interpreter tests skip.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton in this process
+import torch  # noqa: E402  (importing torch does not import triton)
+
+# Before the first import of triton in this process. Not on a CUDA machine: there one pytest process also
+# runs tests/test_gpu.py, whose kernels must be compiled, and these interpreter tests skip.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
