@@ -265,12 +265,15 @@ def test_cuda_oversize_raises_in_python_process(ext):
         pytest.skip(f"r={r} fits this device in float64: nothing to refuse")
     code = (
         "import torch; from globe_kernels import _ext; m = _ext.load()\n"
+        "try:\n    torch.ops.globe_ext.cholesky_solve_batched(torch.eye(3)[None], torch.ones(1, 2, 4), 0.1)\n"
+        "except RuntimeError:\n    print('CPU-REFUSED', flush=True)\n"
         f"G = torch.eye({r}, dtype=torch.float64, device='cuda').expand(2, {r}, {r}).contiguous()\n"
         f"R = torch.ones(2, 3, {r}, dtype=torch.float64, device='cuda')\n"
         "try:\n    torch.ops.globe_ext.cholesky_solve_batched(G, R, 0.1)\n"
         "except RuntimeError as exc:\n    print('REFUSED', 'shared memory' in str(exc))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0 and "REFUSED True" in done.stdout, (done.returncode, done.stdout, done.stderr[-2000:])
 
 
