@@ -127,13 +127,18 @@ def _compose_dense(bank: torch.Tensor, codes: SparseCodes, out: torch.Tensor, ph
     idx = codes.indices.long()
     valid = (idx >= 0) & (idx < m)
     dense.scatter_add_(1, torch.where(valid, idx, 0), torch.where(valid, codes.values.float(), 0.0))
-    # fp32 accumulation in either case; a 16-bit bank takes 16-bit weights (the GEMM's operand type)
-    flat = torch.mm(dense.to(bank.dtype), bank.reshape(m, -1))
+    # fp32 accumulation in either case; a 16-bit bank takes 16-bit weights (the GEMM's operand type). The
+    # product goes straight into out when the dtypes allow (no second pass over n r d elements), phi in place.
+    a = dense.to(bank.dtype)
+    flat = out.view(n, -1) if out.dtype == bank.dtype else torch.empty(n, out[0].numel(), dtype=bank.dtype,
+                                                                        device=bank.device)
+    torch.mm(a, bank.reshape(m, -1), out=flat)
     if phi == "tanh":
-        flat = torch.tanh(flat.float())
+        flat.tanh_()
     elif phi == "silu":
-        flat = torch.nn.functional.silu(flat.float())
-    out.view(n, -1).copy_(flat)
+        torch.nn.functional.silu(flat, inplace=True)
+    if out.dtype != bank.dtype:
+        out.view(n, -1).copy_(flat)
     return out
 
 
