@@ -20,6 +20,7 @@ No downloads, no git: this file only declares what to compile.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,6 +74,25 @@ def _cuda_wanted() -> bool:
     return True
 
 
+def shared_libstdcxx() -> list[str]:
+    """Link flags that make the extension use the process's shared C++ runtime.
+
+    A toolchain that links libstdc++ statically by default puts a second copy of the C++ runtime into the
+    extension; the first error message it formats (an ostream in that copy, never initialised) then crashes the
+    process instead of raising. Naming libstdc++.so.6 first binds those symbols to the shared library that
+    torch already loaded. Nothing is added where the compiler cannot find the shared library. Mirrored in
+    globe_kernels/_ext.py for the just-in-time build.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return ["-l:libstdc++.so.6"] if os.path.isabs(found.stdout.strip()) else []
+
+
 def extensions() -> tuple[list, dict]:
     """(ext_modules, cmdclass) for setup(); both empty with GLOBE_SKIP_EXT=1."""
     if _flag("GLOBE_SKIP_EXT"):
@@ -82,6 +102,7 @@ def extensions() -> tuple[list, dict]:
 
     cuda = _cuda_wanted()
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []  # at::parallel_for is serial without it
+    link = [*openmp, *shared_libstdcxx()]
     # no -march: the CPU kernel carries its own AVX2+FMA clone, chosen at run time (see csrc/cholesky_cpu.cpp);
     # -ffp-contract=fast lets the compiler fuse its multiply-adds whatever the language mode's default
     fp_contract = [] if sys.platform == "win32" else ["-ffp-contract=fast"]
@@ -94,10 +115,10 @@ def extensions() -> tuple[list, dict]:
             sources,
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-            extra_link_args=openmp,
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("globe_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
+        ext = CppExtension("globe_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     _say(f"building globe_kernels._C ({'CPU + CUDA' if cuda else 'CPU'}) from {', '.join(sources)}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -29,6 +29,7 @@ import importlib
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -98,6 +99,18 @@ def _build_dir(cuda: bool) -> Path:
     return base / f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch_version}-{flavour}"
 
 
+def _shared_libstdcxx() -> list[str]:
+    """``-l:libstdc++.so.6`` where the compiler finds it (see shared_libstdcxx in setup.py for why)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        found = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libstdc++.so.6"],
+                               capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return ["-l:libstdc++.so.6"] if os.path.isabs(found.stdout.strip()) else []
+
+
 def _jit_build(cuda: bool) -> tuple[ModuleType, Path]:
     from torch.utils.cpp_extension import load as cpp_load
 
@@ -114,7 +127,7 @@ def _jit_build(cuda: bool) -> tuple[ModuleType, Path]:
         sources=[str(CSRC / s) for s in names],
         extra_cflags=["-O3", *fp_contract, *openmp, *defines],
         extra_cuda_cflags=["-O3", *defines],
-        extra_ldflags=openmp,
+        extra_ldflags=[*openmp, *_shared_libstdcxx()],
         build_directory=str(build_dir),
         with_cuda=cuda,
         verbose=_env_flag("GLOBE_EXT_VERBOSE"),
