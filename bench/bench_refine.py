@@ -18,7 +18,8 @@ per layer, or one over all layers), the relative Frobenius error against the ori
   best row in that cell (AM + its refinement).
 
 Then a convergence comparison of the two refinement methods (wall time to reach given errors) on one cell.
-Timings are wall-clock seconds on this machine with ``--threads`` torch threads.
+Timings are wall-clock seconds on this machine with ``--threads`` torch threads. The time-to-error comparison
+with the ``mobe`` baseline run to convergence (learning-rate sweep) is bench/bench_time_to_error.py.
 """
 
 from __future__ import annotations
@@ -60,25 +61,58 @@ def svd_error(W: torch.Tensor, budget: float) -> tuple[float, float, float, int]
     return err, k * (p + d) / (p * d), time.perf_counter() - t, k
 
 
-def mobe_fit(W: torch.Tensor, r: int, m: int, seconds: float, seed: int = 0, lr: float = 3e-3) -> float:
-    """Adam on A_i silu(softmax(z_i) B) from random init for `seconds`; returns the squared error."""
-    g = torch.Generator().manual_seed(seed)
+def mobe_fit(W: torch.Tensor, r: int, m: int, seconds: float, seed: int = 0, lr: float = 3e-3, *,
+             curve: list[tuple[float, float, float]] | None = None, clock: str = "wall",
+             plateau: tuple[int, float] | None = None, state: dict | None = None) -> float:
+    """Adam on A_i silu(softmax(z_i) B) from random init for `seconds`; returns the squared error.
+
+    clock: what `seconds` measures, "wall" (time.perf_counter) or "cpu" (time.process_time of this process).
+    curve: when given, one (cpu seconds, wall seconds, relative error) per step is appended (the error of the
+    parameters the step starts from, times since the start of the run). plateau (window, tol): also stop once
+    the best error has not improved by a relative `tol` over the last `window` steps. state: when given, the
+    run is saved into it on return (parameters, optimiser, best error, times; ``state["converged"]`` when the
+    plateau stopped it) and continued from it when it already holds a run: `seconds` then counts the whole
+    run, earlier calls included.
+    """
     N, p, d = W.shape
     s = float(W.pow(2).mean().sqrt())
     X = W / s
-    A = (torch.randn(N, p, r, generator=g) / math.sqrt(r)).requires_grad_(True)
-    B = torch.randn(m, r, d, generator=g).requires_grad_(True)
-    z = (0.01 * torch.randn(N, m, generator=g)).requires_grad_(True)
-    opt = torch.optim.Adam([A, B, z], lr=lr)
     energy = float(X.pow(2).sum())
-    best = float("inf")
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    if state and "opt" in state:
+        A, B, z, opt = state["A"], state["B"], state["z"], state["opt"]
+        best, bests, elapsed = state["best"], state["bests"], state["elapsed"]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        A = (torch.randn(N, p, r, generator=g) / math.sqrt(r)).requires_grad_(True)
+        B = torch.randn(m, r, d, generator=g).requires_grad_(True)
+        z = (0.01 * torch.randn(N, m, generator=g)).requires_grad_(True)
+        opt = torch.optim.Adam([A, B, z], lr=lr)
+        best, bests, elapsed = float("inf"), [], {"cpu": 0.0, "wall": 0.0}
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    t0, c0, w0 = now() - elapsed[clock], time.process_time(), time.perf_counter()
+    converged = False
+    while now() - t0 < seconds:
         opt.zero_grad(set_to_none=True)
         loss = (X - A @ ops.compose(B, torch.softmax(z, 1), "silu")).pow(2).sum() / energy
         loss.backward()
         opt.step()
-        best = min(best, float(loss.detach()))
+        value = float(loss.detach())
+        best = min(best, value)
+        if curve is not None:
+            curve.append((elapsed["cpu"] + time.process_time() - c0, elapsed["wall"] + time.perf_counter() - w0,
+                          math.sqrt(max(value, 0.0))))
+        if plateau is not None:
+            window, tol = plateau
+            bests.append(best)
+            if len(bests) > window and best > bests[-1 - window] * (1 - tol) ** 2:  # tol on the error
+                converged = True
+                break
+            if not math.isfinite(value):
+                break
+    if state is not None:
+        state.update(A=A, B=B, z=z, opt=opt, best=best, bests=bests, converged=converged,
+                     elapsed={"cpu": elapsed["cpu"] + time.process_time() - c0,
+                              "wall": elapsed["wall"] + time.perf_counter() - w0})
     return best * energy * s * s
 
 

@@ -1,0 +1,335 @@
+"""Time to error: GloBE's best configuration against the MoBE-style Adam baseline run to convergence.
+
+    PYTHONPATH=python:. python bench/bench_time_to_error.py [--suites planted,clustered,lowrank_noise]
+        [--budget 0.25] [--lrs 1e-3 3e-3 1e-2 3e-2 1e-1] [--sweep-time 30] [--extend 2] [--mobe-max-time 240]
+        [--globe-refine-time 240] [--json curves.json]
+    PYTHONPATH=python:. python bench/bench_time_to_error.py --no-time-to-error --long-refine
+
+Part 1 (default; ``--no-time-to-error`` skips it; about 10 to 15 minutes per suite with the defaults, since
+both methods are run until they stop improving). For each suite (bench/synthetic_suites.py, 6 layers x 8
+experts, p=96, d=384) at one budget and scope (default 0.25, global), with the parameter counts of
+bench/bench_refine.py:
+
+* ``mobe``: :func:`bench_refine.mobe_fit` (silu over dense softmax mixtures, Adam, random init, dense codes
+  counted as n m numbers) at every learning rate of ``--lrs`` for ``--sweep-time`` seconds; the ``--extend``
+  best of them are continued until the best error has not improved by ``--mobe-tol`` (relative) over
+  ``--mobe-window`` steps, or ``--mobe-max-time`` seconds in all. The learning rate with the lowest final
+  error is kept: E_mobe is that error, T_mobe the time its run took to get within 1 % of it
+  (error <= 1.01 E_mobe).
+* ``globe``: GloBE's best configuration of bench_refine's table: the linear AM (:func:`globe.am.fit_bank`,
+  weight-aware, m = n/4 of the scope, target support 4) followed by :func:`globe.refine.refine` (Adam,
+  phi = identity, the mean refitted) until it stops improving by the refinement's own early stop
+  (``--globe-patience`` records, ``--eval-every`` Adam steps apart, each below a relative gain of
+  ``--globe-min-improvement``: by default about the baseline's 0.1 % over 500 steps) or ``--globe-refine-time``
+  seconds. Its curve is the error against the
+  original weights (mean included: the AM records' ``rel_error_all``, the refinement records' ``rel_error``)
+  at the moment each record reaches this script, from before ``fit_bank`` is called: normalisation, warm start,
+  initial bank, AM steps, metric records and the refinement are all counted.
+
+Times are CPU seconds of this process by default (``--clock cpu``; with one torch thread the same as wall time
+on an idle machine, and not inflated by other processes on a shared one); ``--clock wall`` uses wall-clock
+seconds. Both clocks are recorded; the table uses the chosen one. The ratio is GloBE's time to reach E_mobe
+over T_mobe; the claim "GloBE reaches the baseline's final error in at most a tenth of its time" holds where
+it is <= 0.1. ``--json PATH`` writes every curve.
+
+Part 2 (``--long-refine``): does GloBE beat per-expert SVD on ``planted_silu`` (budget 0.25, global) when the
+refinement gets more time or phi = silu? One linear AM, then one refinement per (method, phi) for
+max(``--long-times``) seconds without early stopping; the error each would return after t seconds is the best
+error of its records up to t (the refinement keeps its best state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_refine import K, mobe_fit, mobe_rank, rel, svd_error  # noqa: E402
+from globe.am import fit_bank  # noqa: E402
+from globe.budget import bank_mode_parameters, max_rank  # noqa: E402
+from globe.config import GlobeConfig  # noqa: E402
+from globe.refine import refine  # noqa: E402
+from synthetic_suites import make_suite  # noqa: E402
+
+CHECKPOINTS = (1, 2, 5, 10, 20, 30, 60, 120)  # seconds at which the curves are printed
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def time_to(curve: list[dict], target: float, key: str) -> float | None:
+    """First time (key: "cpu" or "wall") at which the curve's error is <= target, None if never."""
+    return next((pt[key] for pt in curve if pt["err"] <= target), None)
+
+
+def best_by(curve: list[dict], t: float, key: str) -> float:
+    """Lowest error of the curve's points at times <= t (nan when none)."""
+    errs = [pt["err"] for pt in curve if pt[key] <= t]
+    return min(errs) if errs else float("nan")
+
+
+def fmt_t(t: float | None) -> str:
+    return "not reached" if t is None else f"{t:.1f} s"
+
+
+def am_config(r: int, m: int, args) -> GlobeConfig:
+    """The linear AM of bench_refine's table (weight-aware, no held-out experts, support 4), plus --am-option."""
+    return GlobeConfig(r=r, m=m, steps=args.am_steps, weight_aware=True, val_fraction=0.0, target_support=K,
+                       patience=3, **args.am_options)
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def cell_shape(W: torch.Tensor, budget: float, scope: str) -> tuple[list[torch.Tensor], int, int, int]:
+    L, n, p, d = W.shape
+    groups = [W.reshape(L * n, p, d)] if scope == "global" else [W[i] for i in range(L)]
+    m = max(1, groups[0].shape[0] // 4)
+    r = max_rank(budget, L, n, p, d, m, K, scope, True)
+    return groups, m, r, mobe_rank(budget, groups[0].shape[0], p, d, m)
+
+
+def mobe_curves(W: torch.Tensor, budget: float, scope: str, args) -> dict:
+    """The MoBE-style baseline: every learning rate for ``--sweep-time`` seconds, then the ``--extend`` best of
+    them continued (not restarted) up to ``--mobe-max-time`` seconds or their plateau. Returns {lr: {"curve",
+    "final", "steps", "stopped" ("plateau" | "time cap" | "sweep only"), ...}}."""
+    L, n, p, d = W.shape
+    groups, m, _, r = cell_shape(W, budget, scope)
+    if len(groups) != 1:
+        raise SystemExit("--scope layer: the time-to-error curves are written for one group (use global)")
+    runs = {lr: {"pts": [], "state": {}} for lr in args.lrs}
+
+    def go(lr: float, seconds: float) -> None:
+        run = runs[lr]
+        mobe_fit(groups[0], r, m, seconds, lr=lr, curve=run["pts"], clock=args.clock,
+                 plateau=(args.mobe_window, args.mobe_tol), state=run["state"])
+        run["final"] = math.sqrt(run["state"]["best"])
+        pts = run["pts"]
+        print(f"  mobe lr {lr:g}: {run['final']:.4f} after {len(pts)} steps, {pts[-1][0]:.1f} s cpu / "
+              f"{pts[-1][1]:.1f} s wall{' (plateau)' if run['state']['converged'] else ''}", flush=True)
+
+    for lr in args.lrs:
+        go(lr, min(args.sweep_time, args.mobe_max_time))
+    ranked = sorted(args.lrs, key=lambda lr: runs[lr]["final"])
+    extended = [lr for lr in ranked[: args.extend] if not runs[lr]["state"]["converged"]]
+    for lr in extended:
+        go(lr, args.mobe_max_time)
+    out = {}
+    for lr, run in runs.items():
+        curve, best = [], float("inf")
+        for c, w, e in run["pts"]:  # running best: what the fit would return if stopped then
+            best = min(best, e)
+            curve.append({"cpu": c, "wall": w, "err": best})
+        stopped = ("plateau" if run["state"]["converged"] else
+                   "time cap" if lr in extended or args.sweep_time >= args.mobe_max_time else "sweep only")
+        out[lr] = {"curve": curve, "final": best, "steps": len(curve), "r": r, "m": m, "stopped": stopped,
+                   "frac": (m * r * d + groups[0].shape[0] * (p * r + m)) / (L * n * p * d)}
+    return out
+
+
+def globe_curve(W: torch.Tensor, budget: float, scope: str, args) -> dict:
+    """GloBE's best configuration (linear AM, then Adam refinement with phi = identity) with its curve."""
+    L, n, p, d = W.shape
+    groups, m, r, _ = cell_shape(W, budget, scope)
+    Wg = groups[0]
+    curve: list[dict] = []
+    c0, w0 = time.process_time(), time.perf_counter()
+
+    def stamp(stage: str, err: float) -> None:
+        curve.append({"cpu": time.process_time() - c0, "wall": time.perf_counter() - w0, "err": err,
+                      "stage": stage})
+
+    fit = fit_bank(Wg, am_config(r, m, args), callback=lambda rec: stamp("am", rec["rel_error_all"]))
+    am_err = rel(float((fit.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
+    am_cpu, am_wall = time.process_time() - c0, time.perf_counter() - w0
+    res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method="adam", mean=fit.normalization.mean,
+                 fit_mean=True, kmax=K, steps=10**7, time_limit=args.globe_refine_time,
+                 patience=args.globe_patience, min_improvement=args.globe_min_improvement,
+                 eval_every=args.eval_every, lr=args.adam_lr,
+                 callback=lambda rec: stamp("refine", rec["rel_error"]))
+    final = rel(float((res.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
+    best = float("inf")
+    for pt in curve:
+        pt["err_raw"] = pt["err"]
+        best = min(best, pt["err"])
+        pt["err"] = best
+    k = max(1, int((res.alpha > 0).sum(1).max()))
+    frac = bank_mode_parameters(L, n, p, d, r, m, k, scope, True) / (L * n * p * d)
+    print(f"  globe: AM {am_err:.4f} in {am_cpu:.1f} s cpu / {am_wall:.1f} s wall, after refinement {final:.4f} "
+          f"({res.steps_run} Adam steps, {'early stop' if res.stopped_early else 'time limit'}), total "
+          f"{curve[-1]['cpu']:.1f} s cpu / {curve[-1]['wall']:.1f} s wall", flush=True)
+    return {"curve": curve, "final": final, "am_final": am_err, "am_cpu": am_cpu, "am_wall": am_wall, "r": r,
+            "m": m, "frac": frac}
+
+
+def time_to_error(args) -> dict:
+    clk = args.clock
+    results = {}
+    for name in args.suites.split(","):
+        W = make_suite(name)
+        print(f"\n{name}: budget {args.budget}, scope {args.scope} (load {load()})", flush=True)
+        mobe = mobe_curves(W, args.budget, args.scope, args)
+        globe = globe_curve(W, args.budget, args.scope, args)
+        results[name] = {"mobe": mobe, "globe": globe}
+
+    print(f"\n### Time to error ({clk} seconds; budget {args.budget}, scope {args.scope}, 6 layers x 8 experts)\n")
+    print("| cell | MoBE r / m, params | MoBE lr | MoBE final error | MoBE time to final (1 %) | GloBE r / m, params "
+          "| GloBE final error | GloBE time to MoBE's final error | ratio (GloBE / MoBE) | claim (<= 0.1) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, res in results.items():
+        lr, mb = min(res["mobe"].items(), key=lambda kv: kv[1]["final"])
+        e_mobe = mb["final"]
+        t_mobe = time_to(mb["curve"], 1.01 * e_mobe, clk)
+        gl = res["globe"]
+        t_globe = time_to(gl["curve"], e_mobe, clk)
+        ratio = None if t_globe is None or not t_mobe else t_globe / t_mobe
+        cap = "" if mb["stopped"] == "plateau" else f" ({mb['stopped']})"
+        print(f"| {name} | {mb['r']} / {mb['m']}, {mb['frac']:.3f} | {lr:g}{cap} | {e_mobe:.4f} | {fmt_t(t_mobe)} | "
+              f"{gl['r']} / {gl['m']}, {gl['frac']:.3f} | {gl['final']:.4f} | {fmt_t(t_globe)} | "
+              f"{'-' if ratio is None else f'{ratio:.3f}'} | "
+              f"{'yes' if ratio is not None and ratio <= 0.1 else 'no'} |")
+
+    print(f"\n### MoBE learning-rate sweep (final error; {clk} seconds run)\n")
+    print("| cell | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |")
+    print("|---|" + "---|" * len(args.lrs))
+    for name, res in results.items():
+        cells = [f"{v['final']:.4f} ({v['curve'][-1][clk]:.0f} s, {v['stopped']})" for v in res["mobe"].values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+    print(f"\n### Error against time (best so far at each {clk} time; '-' before the first record)\n")
+    print("| cell | method | " + " | ".join(f"{t} s" for t in CHECKPOINTS) + " | final |")
+    print("|---|---|" + "---|" * len(CHECKPOINTS) + "---|")
+    for name, res in results.items():
+        lr, mb = min(res["mobe"].items(), key=lambda kv: kv[1]["final"])
+        gl = res["globe"]
+        for label, curve, final in ((f"mobe lr {lr:g}", mb["curve"], mb["final"]),
+                                    ("globe am+adam", gl["curve"], gl["final"])):
+            end = curve[-1][clk]
+            cells = []
+            for t in CHECKPOINTS:
+                e = best_by(curve, t, clk)
+                cells.append("-" if math.isnan(e) else ("" if t > end else f"{e:.4f}"))
+            print(f"| {name} | {label} | " + " | ".join(cells) + f" | {final:.4f} ({end:.1f} s) |")
+    for name, res in results.items():
+        gl = res["globe"]
+        am_end = max(pt[clk] for pt in gl["curve"] if pt["stage"] == "am")
+        recs = ", ".join(f"{pt[clk]:.1f}: {pt['err']:.4f}" for pt in gl["curve"] if pt["stage"] == "am")
+        print(f"\n{name}: GloBE's linear AM ends at {am_end:.1f} s with {gl['am_final']:.4f}; its records "
+              f"(s: error): {recs}")
+    return results
+
+
+def long_refine(args) -> dict:
+    W = make_suite("planted_silu")
+    L, n, p, d = W.shape
+    Wg = W.reshape(L * n, p, d)
+    err, frac_svd, _, k_svd = svd_error(Wg, args.budget)
+    svd = rel(err, float(Wg.double().pow(2).sum()))
+    groups, m, r, _ = cell_shape(W, args.budget, "global")
+    print(f"\nplanted_silu: budget {args.budget}, global, r={r}, m={m} (load {load()})", flush=True)
+    c0, w0 = time.process_time(), time.perf_counter()
+    fit = fit_bank(Wg, am_config(r, m, args))
+    am_cpu, am_wall = time.process_time() - c0, time.perf_counter() - w0
+    am_err = rel(float((fit.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
+    frac = bank_mode_parameters(L, n, p, d, r, m, K, "global", True) / (L * n * p * d)
+    print(f"  AM {am_err:.4f} in {am_cpu:.1f} s cpu / {am_wall:.1f} s wall", flush=True)
+    runs = {}
+    for method in args.long_methods:
+        for phi in args.long_phis:
+            for lr in (args.long_lrs if method == "adam" else [None]):
+                label = f"{method}:{phi}" + (f" lr {lr:g}" if lr is not None else "")
+                pts: list[dict] = []
+                c1 = time.process_time()
+                res = refine(Wg, fit.bank, fit.alpha, fit.A, phi, method=method, mean=fit.normalization.mean,
+                             fit_mean=True, kmax=K, steps=10**7, time_limit=max(args.long_times), patience=10**9,
+                             eval_every=1 if method == "gn" else args.eval_every, lr=lr or args.adam_lr,
+                             callback=lambda rec, pts=pts, c1=c1: pts.append(
+                                 {"cpu": time.process_time() - c1, "wall": rec["time_s"], "err": rec["rel_error"]}))
+                runs[label] = {"curve": pts, "final": res.rel_error, "steps": res.steps_run}
+                print(f"  {label}: {res.rel_error:.5f} after {res.steps_run} steps", flush=True)
+    clk = args.clock
+    print(f"\n### planted_silu, budget {args.budget}, global: refinement time against per-expert SVD "
+          f"({clk} seconds of refinement after the AM)\n")
+    print(f"per-expert SVD (rank {k_svd}, params {frac_svd:.3f}): {svd:.4f}; linear AM (r={r}, m={m}, params "
+          f"{frac:.3f}): {am_err:.4f} in {am_cpu:.1f} s cpu / {am_wall:.1f} s wall\n")
+    print("| refinement | " + " | ".join(f"{t:g} s" for t in args.long_times) + " | beats SVD from | steps run "
+          "(cpu s / wall s) |")
+    print("|---|" + "---|" * len(args.long_times) + "---|---|")
+    for label, run in runs.items():
+        cells = [f"{best_by(run['curve'], t, clk):.4f}" for t in args.long_times]
+        first = time_to(run["curve"], svd * (1 - 1e-9), clk)
+        end = run["curve"][-1]
+        print(f"| {label} | " + " | ".join(cells) + f" | {fmt_t(first)} | {run['steps']} ({end['cpu']:.1f} / "
+              f"{end['wall']:.1f}) |")
+    return {"svd": svd, "am": am_err, "am_cpu": am_cpu, "am_wall": am_wall, "runs": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suites", default="planted,clustered,lowrank_noise")
+    ap.add_argument("--budget", type=float, default=0.25)
+    ap.add_argument("--scope", default="global", choices=["global"])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    ap.add_argument("--sweep-time", type=float, default=30.0, help="seconds of every MoBE learning rate")
+    ap.add_argument("--extend", type=int, default=2, help="best learning rates of the sweep continued")
+    ap.add_argument("--mobe-max-time", type=float, default=240.0, help="seconds per continued MoBE run at most")
+    ap.add_argument("--mobe-window", type=int, default=500, help="plateau window (steps)")
+    ap.add_argument("--mobe-tol", type=float, default=1e-3, help="relative improvement over the window")
+    ap.add_argument("--am-steps", type=int, default=15)
+    ap.add_argument("--am-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra GlobeConfig field of the linear AM (repeatable), e.g. support_search=0")
+    ap.add_argument("--globe-refine-time", type=float, default=240.0, help="seconds of refinement at most")
+    ap.add_argument("--globe-patience", type=int, default=50, help="refinement records without improvement")
+    ap.add_argument("--globe-min-improvement", type=float, default=2e-5,
+                    help="relative improvement per record that counts (50 x 2e-5: 0.1 %% over 500 Adam steps)")
+    ap.add_argument("--eval-every", type=int, default=10, help="Adam steps between refinement records")
+    ap.add_argument("--adam-lr", type=float, default=1e-2, help="the refinement's (relative) learning rate")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--no-time-to-error", action="store_true", help="skip part 1")
+    ap.add_argument("--long-refine", action="store_true", help="run part 2 (planted_silu against SVD)")
+    ap.add_argument("--long-times", type=float, nargs="+", default=[3.0, 10.0, 30.0])
+    ap.add_argument("--long-phis", nargs="+", default=["identity", "tanh", "silu"])
+    ap.add_argument("--long-methods", nargs="+", default=["adam", "gn"])
+    ap.add_argument("--long-lrs", type=float, nargs="+", default=[1e-2], help="Adam learning rates of part 2")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="write the curves here")
+    args = ap.parse_args()
+    args.am_options = dict(parse_option(o) for o in args.am_option)
+    torch.set_num_threads(args.threads)
+    t_all, c_all = time.perf_counter(), time.process_time()
+    print(f"## bench_time_to_error ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}, load average at start {load()})")
+    print(f"linear AM: fit_bank(weight_aware=True, steps={args.am_steps}, target_support={K}, patience=3"
+          + "".join(f", {k}={v!r}" for k, v in args.am_options.items()) + ")")
+    out = {}
+    if not args.no_time_to_error:
+        out["time_to_error"] = time_to_error(args)
+    if args.long_refine:
+        out["long_refine"] = long_refine(args)
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s wall, {time.process_time() - c_all:.0f} s cpu; "
+          f"load average at end {load()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, default=lambda x: str(x))
+
+
+if __name__ == "__main__":
+    main()
