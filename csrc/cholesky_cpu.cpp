@@ -1,11 +1,21 @@
 // Batched small Cholesky factor + solve on CPU: A_i = R_i (G_i + lam I)^-1 for every system i.
 //
 // Systems run in parallel over the batch (at::parallel_for); each thread allocates its scratch once, never per
-// system. Per system:
-//   1. factor M = G_i + lam I = U^T U (U = L^T, upper triangular) in double for both dtypes, reading only
-//      G_i's lower triangle. Blocked left-looking: a block of 6 rows of U takes the update from all finished
-//      rows as register tiles (the tile of step 2, on doubles), then its rows are finished one by one with
-//      vector axpys. No horizontal reductions anywhere.
+// system. M = G_i + lam I is formed from G_i's lower triangle and factored in double for both dtypes. Two paths:
+//
+// r <= kLockMaxR (96): L systems in lockstep, L = the lanes of a double vector (4 with AVX2), one system per
+// lane. Their M are gathered lane-interleaved and, with vector instructions on whole lanes (no shuffles, no
+// horizontal reductions), factored as M = V^T D V (V unit upper triangular), inverted to M^-1 = V^-1 D^-1 V^-T
+// (r^3 / 3 flops each step, left-looking, 8-vector register blocks). Then per system: M^-1 is copied out of
+// its lane (rounded to the input dtype) and A_i = R_i M^-1 is one GEMM (p x r x r) in the register tiles of
+// the other path, straight from R_i into A_i. A small r costs little more than its flops: no per-system
+// dependency chain of r pivots, and the solve is one GEMM with K = r rather than 2 r / NR short blocked ones.
+// Work: r^3 flops (double, lockstep) + 2 p r^2 (the GEMM).
+//
+// r > kLockMaxR: per system,
+//   1. factor M = U^T U (U = L^T, upper triangular) in double. Blocked left-looking: a block of 6 rows of U
+//      takes the update from all finished rows as register tiles (the tile of step 2, on doubles), then its
+//      rows are finished one by one with vector axpys. No horizontal reductions anywhere.
 //   2. solve A_i U^T U = R_i as two blocked triangular solves over column blocks of NR = 8..16 columns,
 //      Y = R_i U^-1 then A_i = Y U^-T, each block a GEMM-like update from the blocks already solved followed
 //      by a product with the inverse of U's diagonal block (inverted in double): every flop runs in a
@@ -13,10 +23,11 @@
 //      dependency chain and no transpose of R_i or A_i. The rows of R_i go through an L1-sized panel of MR
 //      rows, so R_i and A_i are each streamed once. U, U^T and the diagonal inverses are rounded to the input
 //      dtype: the solve accumulates in the input dtype, like torch.cholesky_solve does.
-// Work: r^3 / 3 flops (step 1, double) + 2 p r^2 (step 2) + O(r^2 NR) for the diagonal blocks.
+//   Work: r^3 / 3 flops (step 1, double) + 2 p r^2 (step 2) + O(r^2 NR) for the diagonal blocks.
 //
-// A pivot that is not a finite positive number stops the factorisation: the system is flagged in `failed`
-// and its A_i is filled with NaN (the Python side solves it by the general path).
+// A pivot that is not a finite positive number (in the lockstep path: D_j, the square of the Cholesky pivot)
+// flags the system in `failed` and its A_i is filled with NaN (the Python side solves it by the general path);
+// in lockstep the other lanes of its group go on unaffected.
 //
 // SIMD without -march flags: the kernels are templates over the vector width, written with GCC/Clang vector
 // extensions (a plain struct for other compilers). They are instantiated twice: with 16-byte vectors in the
@@ -40,6 +51,10 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cholesky.h"
 
@@ -69,12 +84,14 @@ template <typename T, int W>
 struct Simd;
 
 #if defined(__GNUC__) && !defined(GLOBE_PORTABLE_SIMD)
-#define GLOBE_SIMD(T, W)                                            \
-  template <>                                                       \
-  struct Simd<T, W> {                                               \
-    static constexpr int kLanes = W / static_cast<int>(sizeof(T));  \
-    typedef T V __attribute__((vector_size(W)));                    \
+#define GLOBE_SIMD(T, W)                                                        \
+  template <>                                                                   \
+  struct Simd<T, W> {                                                           \
+    static constexpr int kLanes = W / static_cast<int>(sizeof(T));              \
+    typedef T V __attribute__((vector_size(W)));                                \
+    typedef T U __attribute__((vector_size(W), aligned(sizeof(T)), may_alias)); \
   };
+#define GLOBE_VECTOR_EXT 1
 #else  // element-wise structs the optimiser may vectorise (also built with -DGLOBE_PORTABLE_SIMD to test)
 #define GLOBE_SIMD(T, W)                                            \
   template <>                                                       \
@@ -96,6 +113,11 @@ struct Simd;
       friend V operator*(const V& a, const V& b) {                  \
         V c;                                                        \
         for (int i = 0; i < kLanes; ++i) c.x[i] = a.x[i] * b.x[i];  \
+        return c;                                                   \
+      }                                                             \
+      friend V operator/(const V& a, const V& b) {                  \
+        V c;                                                        \
+        for (int i = 0; i < kLanes; ++i) c.x[i] = a.x[i] / b.x[i];  \
         return c;                                                   \
       }                                                             \
     };                                                              \
@@ -121,16 +143,26 @@ GLOBE_INLINE Vec<T, W> vsplat(T s) {
   return v;
 }
 
+// Unaligned loads and stores. With vector extensions through an unaligned, may_alias vector type: GCC merged
+// memcpy-based stores of a tile's row into one block copy, which it then staged through the stack.
 template <typename T, int W>
 GLOBE_INLINE Vec<T, W> vload(const T* p) {
+#if defined(GLOBE_VECTOR_EXT)
+  return *reinterpret_cast<const typename Simd<T, W>::U*>(p);
+#else
   Vec<T, W> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+#endif
 }
 
 template <typename T, int W>
 GLOBE_INLINE void vstore(T* p, const Vec<T, W>& v) {
+#if defined(GLOBE_VECTOR_EXT)
+  *reinterpret_cast<typename Simd<T, W>::U*>(p) = v;
+#else
   std::memcpy(p, &v, sizeof(v));
+#endif
 }
 
 constexpr int64_t round_up(int64_t x, int64_t m) {
@@ -321,7 +353,7 @@ struct Problem {
   T* A;
   bool* failed;
   double lam;
-  int64_t r, p;
+  int64_t n, r, p;
 };
 
 // The scratch of one thread, laid out for the batch's (r, p) and tile shape.
@@ -445,25 +477,378 @@ void run_tiles(const Problem<T>& pb, int64_t n, RangeFn<T> range) {
   });
 }
 
+// ---- small r: one system per lane ------------------------------------------------------------------------
+
+// S holds the L systems' matrices lane-interleaved, the upper triangle packed by rows: element (i, j >= i) is
+// the vector of L doubles at S + L (row(i) + j). Every step is a sum of products of such vectors, each block of
+// up to kLockCB columns of one row accumulating in registers. The factorisation is the square-root-free
+// M = V^T D V: its pivots D_j are the squares of the Cholesky factor's diagonal, so they flag exactly the same
+// systems, and no step needs a square root (one vector division per pivot).
+constexpr int64_t kLockMaxR = 96;
+
+// the widest block of columns: 8 vectors of accumulators (with the operands, 10 of the 16 vector registers)
+constexpr int kLockCB = 8;
+
+GLOBE_INLINE int64_t packed_row(int64_t r, int64_t i) {
+  return i * r - i * (i + 1) / 2;
+}
+
+// Columns [c, c + CB) of row j of V (left-looking): V(j, c) = (M(j, c) - sum_{k<j} V(k, j) D_k V(k, c)) / D_j,
+// with D_k kept on the diagonal and 1 / D_k in Di. The block that starts at the diagonal takes the pivot: a
+// lane whose pivot is not a finite positive number sets its bit in `bad` and goes on with pivot 1 (the other
+// lanes are unaffected).
+template <int LW, int CB>
+GLOBE_INLINE void lock_factor_block(double* S, double* Di, int64_t r, int64_t j, int64_t c, unsigned& bad) {
+  using V = Vec<double, LW>;
+  constexpr int L = Simd<double, LW>::kLanes;
+  double* sj = S + L * packed_row(r, j);
+  V acc[CB];
+  for (int b = 0; b < CB; ++b) acc[b] = vload<double, LW>(sj + L * (c + b));
+  const double* sk = S;  // row k
+  for (int64_t k = 0; k < j; ++k, sk += L * (r - k)) {
+    const V a = vload<double, LW>(sk + L * j) * vload<double, LW>(sk + L * k);
+    for (int b = 0; b < CB; ++b) acc[b] -= a * vload<double, LW>(sk + L * (c + b));
+  }
+  int b0 = 0;
+  V dinv;
+  if (c == j) {
+    // the division goes first; the lanes are checked beside it and, rarely, patched
+    V dv = acc[0];
+    dinv = vsplat<double, LW>(1.0) / dv;
+    double d[L];
+    vstore<double, LW>(d, dv);
+    unsigned lane_bad = 0;
+    for (int l = 0; l < L; ++l) lane_bad |= static_cast<unsigned>(!good_pivot(d[l])) << l;
+    if (lane_bad != 0) {
+      double di[L];
+      vstore<double, LW>(di, dinv);
+      for (int l = 0; l < L; ++l) {
+        if ((lane_bad >> l) & 1u) {
+          d[l] = 1.0;
+          di[l] = 1.0;
+        }
+      }
+      dv = vload<double, LW>(d);
+      dinv = vload<double, LW>(di);
+      bad |= lane_bad;
+    }
+    vstore<double, LW>(sj + L * j, dv);
+    vstore<double, LW>(Di + L * j, dinv);
+    b0 = 1;
+  } else {
+    dinv = vload<double, LW>(Di + L * j);
+  }
+  for (int b = b0; b < CB; ++b) vstore<double, LW>(sj + L * (c + b), acc[b] * dinv);
+}
+
+template <int LW>
+GLOBE_INLINE void lock_factor_row(double* S, double* Di, int64_t r, int64_t j, unsigned& bad) {
+  int64_t c = j;
+  for (; c + kLockCB <= r; c += kLockCB) lock_factor_block<LW, kLockCB>(S, Di, r, j, c, bad);
+  if (c + 4 <= r) {
+    lock_factor_block<LW, 4>(S, Di, r, j, c, bad);
+    c += 4;
+  }
+  if (c + 2 <= r) {
+    lock_factor_block<LW, 2>(S, Di, r, j, c, bad);
+    c += 2;
+  }
+  if (c < r) {
+    lock_factor_block<LW, 1>(S, Di, r, j, c, bad);
+  }
+}
+
+// Columns [c, c + CB) (c > i) of row i of Y = V^-1 (unit upper triangular, its diagonal stored as ones),
+// rows below i already inverted in place: Y(i, j) = -sum_{k=i+1}^{j} V(i, k) Y(k, j). Reads V(i, k) for
+// k < c + CB only, so a row's blocks go from right to left.
+template <int LW, int CB>
+GLOBE_INLINE void lock_inverse_block(double* S, int64_t r, int64_t i, int64_t c) {
+  using V = Vec<double, LW>;
+  constexpr int L = Simd<double, LW>::kLanes;
+  double* si = S + L * packed_row(r, i);
+  V acc[CB];
+  for (int b = 0; b < CB; ++b) acc[b] = vsplat<double, LW>(0.0);
+  const double* sk = S + L * packed_row(r, i + 1);
+  for (int64_t k = i + 1; k <= c; ++k, sk += L * (r - k)) {  // every column of the block
+    const V a = vload<double, LW>(si + L * k);
+    for (int b = 0; b < CB; ++b) acc[b] += a * vload<double, LW>(sk + L * (c + b));
+  }
+#pragma GCC unroll 8
+  for (int kk = 1; kk < CB; ++kk) {  // the block's triangle: row c + kk reaches columns c + kk ..
+    const V a = vload<double, LW>(si + L * (c + kk));
+#pragma GCC unroll 8
+    for (int b = kk; b < CB; ++b) acc[b] += a * vload<double, LW>(sk + L * (c + b));
+    sk += L * (r - c - kk - 1);
+  }
+  const V minus = vsplat<double, LW>(-1.0);
+  for (int b = 0; b < CB; ++b) vstore<double, LW>(si + L * (c + b), acc[b] * minus);
+}
+
+template <int LW>
+GLOBE_INLINE void lock_inverse_row(double* S, int64_t r, int64_t i) {
+  // blocks of kLockCB from i + 1, then 4, 2, 1; visited from the right
+  const int64_t c0 = i + 1;
+  const int64_t nb = (r - c0) / kLockCB;
+  int64_t c = c0 + kLockCB * nb;
+  const int64_t rem = r - c;
+  const int64_t c4 = c, c2 = c4 + (rem & 4), c1 = c2 + (rem & 2);
+  if (rem & 1) lock_inverse_block<LW, 1>(S, r, i, c1);
+  if (rem & 2) lock_inverse_block<LW, 2>(S, r, i, c2);
+  if (rem & 4) lock_inverse_block<LW, 4>(S, r, i, c4);
+  for (c -= kLockCB; c >= c0; c -= kLockCB) lock_inverse_block<LW, kLockCB>(S, r, i, c);
+}
+
+// Columns [c, c + CB) (c >= i) of row i of M^-1 = Y D^-1 Y^T, rows < i already done in place:
+// M^-1(i, j) = sum_{k>=j} Y(i, k) Di_k Y(j, k). Reads Y(i, k) for k >= c only, so a row's blocks go from left to
+// right.
+template <int LW, int CB>
+GLOBE_INLINE void lock_product_block(double* S, const double* Di, int64_t r, int64_t i, int64_t c) {
+  using V = Vec<double, LW>;
+  constexpr int L = Simd<double, LW>::kLanes;
+  double* si = S + L * packed_row(r, i);
+  const double* sb[CB];
+  for (int b = 0; b < CB; ++b) sb[b] = S + L * packed_row(r, c + b);
+  V acc[CB];
+  for (int b = 0; b < CB; ++b) acc[b] = vsplat<double, LW>(0.0);
+#pragma GCC unroll 8
+  for (int kk = 0; kk + 1 < CB; ++kk) {  // the block's triangle: column c + b starts at k = c + b
+    const V a = vload<double, LW>(si + L * (c + kk)) * vload<double, LW>(Di + L * (c + kk));
+#pragma GCC unroll 8
+    for (int b = 0; b <= kk; ++b) acc[b] += a * vload<double, LW>(sb[b] + L * (c + kk));
+  }
+  for (int64_t k = c + CB - 1; k < r; ++k) {
+    const V a = vload<double, LW>(si + L * k) * vload<double, LW>(Di + L * k);
+    for (int b = 0; b < CB; ++b) acc[b] += a * vload<double, LW>(sb[b] + L * k);
+  }
+  for (int b = 0; b < CB; ++b) vstore<double, LW>(si + L * (c + b), acc[b]);
+}
+
+template <int LW>
+GLOBE_INLINE void lock_product_row(double* S, const double* Di, int64_t r, int64_t i) {
+  int64_t c = i;
+  for (; c + kLockCB <= r; c += kLockCB) lock_product_block<LW, kLockCB>(S, Di, r, i, c);
+  if (c + 4 <= r) {
+    lock_product_block<LW, 4>(S, Di, r, i, c);
+    c += 4;
+  }
+  if (c + 2 <= r) {
+    lock_product_block<LW, 2>(S, Di, r, i, c);
+    c += 2;
+  }
+  if (c < r) {
+    lock_product_block<LW, 1>(S, Di, r, i, c);
+  }
+}
+
+// Rows [i0, i0 + M) of A_i = R_i B (B: r x ld, zero columns r .. ld), each column block a K = r Overwrite tile
+// straight from R_i into A_i; a last block narrower than NR goes through Q (M x NR) and is copied element by
+// element (a few elements a row: cheaper inline than a call to memcpy).
+template <typename T, int W, int M, int NV>
+GLOBE_INLINE void gemm_panel(const T* Ri, T* Ai, int64_t i0, int64_t r, const T* B, int64_t ld, T* Q) {
+  constexpr int64_t NR = NV * Simd<T, W>::kLanes;
+  const T* a = Ri + i0 * r;
+  T* out = Ai + i0 * r;
+  int64_t c0 = 0;
+  for (; c0 + NR <= r; c0 += NR) tile<T, W, M, NV, Mode::Overwrite>(a, r, 1, B + c0, ld, r, out + c0, r);
+  if (c0 < r) {
+    tile<T, W, M, NV, Mode::Overwrite>(a, r, 1, B + c0, ld, r, Q, NR);
+    for (int m = 0; m < M; ++m) {
+      for (int64_t c = c0; c < r; ++c) out[m * r + c] = Q[m * NR + c - c0];
+    }
+  }
+}
+
+// A_i = R_i B (p x r times r x r) in panels of MR rows; the last p % MR rows in one panel of that height.
+template <typename T, int W, int MR, int NV>
+GLOBE_INLINE void gemm_rows(const T* Ri, T* Ai, int64_t p, int64_t r, const T* B, int64_t ld, T* Q) {
+  static_assert(MR <= 8, "tails of up to 7 rows");
+  int64_t i0 = 0;
+  for (; i0 + MR <= p; i0 += MR) gemm_panel<T, W, MR, NV>(Ri, Ai, i0, r, B, ld, Q);
+  switch (p - i0) {
+    case 7: gemm_panel<T, W, (MR > 7 ? 7 : 1), NV>(Ri, Ai, i0, r, B, ld, Q); break;
+    case 6: gemm_panel<T, W, (MR > 6 ? 6 : 1), NV>(Ri, Ai, i0, r, B, ld, Q); break;
+    case 5: gemm_panel<T, W, (MR > 5 ? 5 : 1), NV>(Ri, Ai, i0, r, B, ld, Q); break;
+    case 4: gemm_panel<T, W, (MR > 4 ? 4 : 1), NV>(Ri, Ai, i0, r, B, ld, Q); break;
+    case 3: gemm_panel<T, W, (MR > 3 ? 3 : 1), NV>(Ri, Ai, i0, r, B, ld, Q); break;
+    case 2: gemm_panel<T, W, (MR > 2 ? 2 : 1), NV>(Ri, Ai, i0, r, B, ld, Q); break;
+    case 1: gemm_panel<T, W, 1, NV>(Ri, Ai, i0, r, B, ld, Q); break;
+    default: break;
+  }
+}
+
+// The scratch of one thread for the lockstep path.
+template <typename T>
+struct LockScratch {
+  int64_t ld;  // row stride of B (r rounded up to whole solve tiles)
+  double* S;   // L packed upper triangles, lane-interleaved
+  double* Di;  // the reciprocal pivots, r vectors
+  T *B, *Q;    // B: L matrices r x ld; Q: MR x NR
+};
+
+// Systems g0 .. g0 + L - 1 (those < n): form M = G_i + lam I in S (lanes past n repeat the last system and are
+// dropped), factor, invert, then per system copy M^-1 out of its lane into B_l (both triangles, in T) and
+// A_i = R_i B_l. With p = 0 only the flags are wanted: no inversion.
+template <typename T, int W, int LW, int MR, int NV>
+GLOBE_INLINE void lock_group(const Problem<T>& pb, const LockScratch<T>& s, int64_t g0) {
+  constexpr int L = Simd<double, LW>::kLanes;
+  const int64_t r = pb.r, p = pb.p, ld = s.ld;
+  const int nl = static_cast<int>(std::min<int64_t>(L, pb.n - g0));
+  double* S = s.S;
+  double* Di = s.Di;
+  // lanes past n repeat the last system (their results are dropped)
+  const T* Gl[L];
+  for (int l = 0; l < L; ++l) Gl[l] = pb.G + (g0 + std::min(l, nl - 1)) * r * r;
+  for (int64_t c = 0; c < r; ++c) {  // row c of G_i's lower triangle is column c of M's upper one
+    double* sjc = S + L * c;             // element (j, c), j = 0 .. c
+    for (int64_t j = 0; j <= c; sjc += L * (r - j - 1), ++j) {
+      double t[L];
+      for (int l = 0; l < L; ++l) t[l] = static_cast<double>(Gl[l][c * r + j]);
+      vstore<double, LW>(sjc, vload<double, LW>(t));
+    }
+    double* scc = S + L * (packed_row(r, c) + c);
+    vstore<double, LW>(scc, vload<double, LW>(scc) + vsplat<double, LW>(pb.lam));
+  }
+  unsigned bad = 0;
+  for (int64_t j = 0; j < r; ++j) lock_factor_row<LW>(S, Di, r, j, bad);
+  bad &= (1u << nl) - 1;
+  for (int l = 0; l < nl; ++l) {
+    const bool failed = (bad >> l) & 1u;
+    pb.failed[g0 + l] = failed;
+    if (failed) {
+      T* Ai = pb.A + (g0 + l) * p * r;
+      std::fill(Ai, Ai + p * r, std::numeric_limits<T>::quiet_NaN());
+    }
+  }
+  if (p == 0 || bad == (1u << nl) - 1) {
+    return;
+  }
+  for (int64_t j = 0; j < r; ++j) vstore<double, LW>(S + L * (packed_row(r, j) + j), vsplat<double, LW>(1.0));
+  for (int64_t i = r - 2; i >= 0; --i) lock_inverse_row<LW>(S, r, i);
+  for (int64_t i = 0; i < r; ++i) lock_product_row<LW>(S, Di, r, i);
+  // M^-1 of lane l into B_l (both triangles, in T), row by row
+  const int64_t nb = r * ld;
+  for (int64_t i = 0; i < r; ++i) {
+    T* bi = s.B + i * ld;
+    const double* sji = S + L * i;  // element (j, i), j = 0 .. i - 1
+    for (int64_t j = 0; j < i; sji += L * (r - j - 1), ++j) {
+      double t[L];
+      vstore<double, LW>(t, vload<double, LW>(sji));
+      for (int l = 0; l < nl; ++l) bi[l * nb + j] = static_cast<T>(t[l]);
+    }
+    const double* si = S + L * packed_row(r, i);
+    for (int64_t j = i; j < r; ++j) {
+      double t[L];
+      vstore<double, LW>(t, vload<double, LW>(si + L * j));
+      for (int l = 0; l < nl; ++l) bi[l * nb + j] = static_cast<T>(t[l]);
+    }
+  }
+  for (int l = 0; l < nl; ++l) {
+    if (((bad >> l) & 1u) == 0) {
+      const int64_t i = g0 + l;
+      gemm_rows<T, W, MR, NV>(pb.R + i * p * r, pb.A + i * p * r, p, r, s.B + l * nb, ld, s.Q);
+    }
+  }
+}
+
+template <typename T>
+using LockRangeFn = void (*)(const Problem<T>&, const LockScratch<T>&, int64_t, int64_t);
+
+// groups [begin, end) of L systems
+template <typename T, int MR, int NV>
+void lock_range(const Problem<T>& pb, const LockScratch<T>& s, int64_t begin, int64_t end) {
+  constexpr int L = Simd<double, 16>::kLanes;
+  for (int64_t g = begin; g < end; ++g) lock_group<T, 16, 16, MR, NV>(pb, s, g * L);
+}
+
+#if GLOBE_X86_CLONES
+template <typename T, int MR, int NV>
+__attribute__((target("avx2,fma"), flatten)) void lock_range_avx2(const Problem<T>& pb, const LockScratch<T>& s,
+                                                                   int64_t begin, int64_t end) {
+  constexpr int L = Simd<double, 32>::kLanes;
+  for (int64_t g = begin; g < end; ++g) lock_group<T, 32, 32, MR, NV>(pb, s, g * L);
+}
+#endif
+
+template <typename T, int W, int LW, int MR, int NV>
+void run_lock(const Problem<T>& pb, LockRangeFn<T> range) {
+  constexpr int L = Simd<double, LW>::kLanes;
+  constexpr int64_t NR = NV * Simd<T, W>::kLanes;
+  const int64_t r = pb.r, p = pb.p;
+  const int64_t ld = round_up(r, NR);
+  const int64_t groups = (pb.n + L - 1) / L;
+  // go parallel once a chunk holds about 1 Mflop
+  const double flops = L * r * r * (r + 2.0 * p) + 1.0;
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(1e6 / flops));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    constexpr size_t kAlign = 64;
+    const size_t nd = static_cast<size_t>(L * r * (r + 3) / 2);
+    const size_t nt = static_cast<size_t>(L * r * ld + MR * NR);
+    std::vector<double> dbuf(nd + kAlign / sizeof(double), 0.0);
+    std::vector<T> tbuf(nt + kAlign / sizeof(T), T(0));  // B's padding columns stay zero
+    auto aligned = [](auto* q) {
+      const uintptr_t a = (reinterpret_cast<uintptr_t>(q) + kAlign - 1) & ~static_cast<uintptr_t>(kAlign - 1);
+      return reinterpret_cast<decltype(q)>(a);
+    };
+    LockScratch<T> s;
+    s.ld = ld;
+    s.S = aligned(dbuf.data());
+    s.Di = s.S + L * r * (r + 1) / 2;
+    s.B = aligned(tbuf.data());
+    s.Q = s.B + L * r * ld;
+    range(pb, s, begin, end);
+  });
+}
+
 // Solve tiles of MR rows x NV vectors of accumulators: 6 x 2 (12 of the 16 vector registers); 8 x 1 when r
-// fits in one vector, so that a small r pads no columns.
+// fits in one vector, so that a small r pads no columns (lockstep path only: the other starts above 96); in
+// the lockstep GEMM in float64 with AVX2 from r = 32, 3 x 4 (measured 10-15% faster there than 6 x 2).
 template <typename T>
 void run(const Problem<T>& pb, int64_t n) {
+  const bool lock = pb.r <= kLockMaxR;
 #if GLOBE_X86_CLONES
   if (use_avx2()) {
-    if (pb.r <= Simd<T, 32>::kLanes) {
-      run_tiles<T, 32, 8, 1>(pb, n, &solve_range_avx2<T, 8, 1>);
-    } else {
+    if (!lock) {
       run_tiles<T, 32, 6, 2>(pb, n, &solve_range_avx2<T, 6, 2>);
+    } else if (pb.r <= Simd<T, 32>::kLanes) {
+      run_lock<T, 32, 32, 8, 1>(pb, &lock_range_avx2<T, 8, 1>);
+    } else if (sizeof(T) == sizeof(double) && pb.r >= 32) {
+      run_lock<T, 32, 32, 3, 4>(pb, &lock_range_avx2<T, 3, 4>);
+    } else {
+      run_lock<T, 32, 32, 6, 2>(pb, &lock_range_avx2<T, 6, 2>);
     }
     return;
   }
 #endif
-  if (pb.r <= Simd<T, 16>::kLanes) {
-    run_tiles<T, 16, 8, 1>(pb, n, &solve_range<T, 8, 1>);
-  } else {
+  if (!lock) {
     run_tiles<T, 16, 6, 2>(pb, n, &solve_range<T, 6, 2>);
+  } else if (pb.r <= Simd<T, 16>::kLanes) {
+    run_lock<T, 16, 16, 8, 1>(pb, &lock_range<T, 8, 1>);
+  } else {
+    run_lock<T, 16, 16, 6, 2>(pb, &lock_range<T, 6, 2>);
   }
+}
+
+// The output is written once, front to back, right after it is allocated: a large one is fresh memory from the
+// system, and faulting it in 4 KiB pages costs as much as the solve itself at r = 32 in float64 (about 2 us a
+// page on a virtual machine). On Linux, ask for transparent huge pages on its 2 MiB-aligned interior (what torch
+// does for every large tensor under THP_MEM_ALLOC_ENABLE=1): one fault per 2 MiB. A hint only: where THP is
+// off or the memory is already mapped, nothing changes.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const size_t nbytes = t.nbytes();
+  if (nbytes < 4 * kHuge) {
+    return;
+  }
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (start + nbytes) & ~(kHuge - 1);
+  if (hi > lo) {
+    (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#else
+  (void)t;
+#endif
 }
 
 }  // namespace
@@ -478,6 +863,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve_batched_cpu(const at::Tensor& 
   const int64_t r = Gc.size(1);
   const int64_t p = Rc.size(1);
   at::Tensor A = at::empty({n, p, r}, Rc.options());
+  advise_huge_pages(A);
   at::Tensor failed = at::empty({n}, Rc.options().dtype(at::kBool));
   if (n == 0) {
     return {A, failed};
@@ -488,7 +874,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_solve_batched_cpu(const at::Tensor& 
   }
   AT_DISPATCH_FLOATING_TYPES(Gc.scalar_type(), "cholesky_solve_batched_cpu", [&] {
     const Problem<scalar_t> pb{Gc.const_data_ptr<scalar_t>(), Rc.const_data_ptr<scalar_t>(),
-                               A.mutable_data_ptr<scalar_t>(), failed.mutable_data_ptr<bool>(), lam, r, p};
+                               A.mutable_data_ptr<scalar_t>(), failed.mutable_data_ptr<bool>(), lam, n, r, p};
     run<scalar_t>(pb, n);
   });
   return {A, failed};

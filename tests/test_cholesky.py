@@ -145,6 +145,97 @@ def test_non_spd_flagged_and_solved(ext, dtype, n, r, p, lam):
     assert rel_err(A, exact) <= TOL[dtype] * 10  # the least-squares path is a little less exact
 
 
+# The CPU kernel has two paths: r <= 96 runs L systems in lockstep, one per lane of a double vector (L = 4 with
+# AVX2, 2 in the baseline build), factoring in blocks of up to 8 columns; the solve is then a GEMM in tiles of
+# 8 or 6 or 3 rows and 8 or 16 columns (fp32 AVX2: 8 x 8 up to r = 8, else 6 x 16; fp64 AVX2: 8 x 4 up to r = 4,
+# 6 x 8 up to r = 31, 3 x 16 from r = 32; half the columns in the baseline build). Larger r factor and solve one
+# system at a time. The sizes below sit at and around each boundary; p = r + 3 mostly leaves a partial row tile.
+LOCKSTEP_MAX_R = 96
+BOUNDARY_R = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 95, 96, 97)
+
+
+def raw_op_check(G: torch.Tensor, R: torch.Tensor, lam: float, flagged: torch.Tensor, dtype: torch.dtype) -> None:
+    """The raw op flags exactly `flagged`, fills those systems with NaN and solves the others to TOL[dtype]."""
+    A, failed = torch.ops.globe_ext.cholesky_solve_batched(G.to(dtype), R.to(dtype), lam)
+    assert A.dtype == dtype and A.shape == R.shape and failed.dtype == torch.bool
+    assert torch.equal(failed, flagged)
+    assert torch.isnan(A[failed]).all()
+    ok = ~failed
+    r = G.shape[1]
+    Gd, Rd = G.to(dtype)[ok].double(), R.to(dtype)[ok].double()  # the rounded inputs, solved in float64
+    exact = torch.linalg.solve(Gd + lam * torch.eye(r, dtype=torch.float64), Rd.mT).mT
+    assert not torch.isnan(A[ok]).any()
+    err = rel_err(A[ok], exact)
+    assert err <= TOL[dtype], f"{dtype}: max relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", BOUNDARY_R)
+def test_path_boundaries_with_mixed_lane_groups(ext, monkeypatch, isa, dtype, r):
+    """Odd batches (7: one full lane group and a partial one of 3 with AVX2), odd p (a partial row tile), SPD
+    systems beside indefinite, negative definite and shifted-to-SPD ones in the same lane group."""
+    if isa == "generic":
+        monkeypatch.setenv("GLOBE_EXT_ISA", "generic")
+    gen = torch.Generator().manual_seed(r)
+    lam = 0.1
+    n, p = 7, r + 3
+    G, R, flagged = mixed_batch(n, r, p, lam, gen)  # systems 1, 2, 5, 6 are not positive definite
+    raw_op_check(G, R, lam, flagged, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "r"), [(1, 5), (5, 8), (13, 16), (3, 33), (6, LOCKSTEP_MAX_R)])
+@pytest.mark.parametrize("p", [0, 1, 5])
+def test_one_bad_system_per_batch(ext, dtype, n, r, p):
+    """One indefinite system (the second) among SPD ones: only it is flagged, its lane-mates are solved; with
+    p = 0 only the flags come back."""
+    gen = torch.Generator().manual_seed(10 * n + r + p)
+    eigs = 0.5 + 1.5 * torch.rand(n, r, generator=gen, dtype=torch.float64)
+    bad = min(1, n - 1)
+    eigs[bad, r // 2] = -1.0
+    G = with_spectrum(eigs, gen)
+    R = torch.randn(n, p, r, generator=gen, dtype=torch.float64)
+    flagged = torch.zeros(n, dtype=torch.bool)
+    flagged[bad] = True
+    raw_op_check(G, R, 0.0, flagged, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_whole_lane_groups_failing(ext, dtype):
+    """Every system of the first lane groups fails (nothing left to solve there), the last ones are SPD."""
+    gen = torch.Generator().manual_seed(5)
+    n, r, p = 11, 12, 9
+    G = spd(n, r, gen)
+    G[:8] = -G[:8]
+    R = torch.randn(n, p, r, generator=gen, dtype=torch.float64)
+    raw_op_check(G, R, 0.05, torch.arange(n) < 8, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [6, 40, 120])
+def test_non_finite_entries(ext, dtype, r):
+    """NaN or inf in a system's lower triangle flags that system only; in its strict upper triangle (never
+    read) it changes nothing."""
+    gen = torch.Generator().manual_seed(r)
+    n, p = 6, 4
+    G = spd(n, r, gen)
+    R = torch.randn(n, p, r, generator=gen, dtype=torch.float64)
+    G[1, r - 1, r // 2] = float("nan")
+    G[2, r // 2, r // 2] = float("inf")
+    G[4, r - 1, 0] = float("-inf")
+    G[3, 0, r - 1] = float("nan")  # upper triangle: ignored
+    flagged = torch.tensor([False, True, True, False, True, False])
+    A, failed = torch.ops.globe_ext.cholesky_solve_batched(G.to(dtype), R.to(dtype), 0.1)
+    assert torch.equal(failed, flagged)
+    assert torch.isnan(A[failed]).all() and not torch.isnan(A[~failed]).any()
+    Gl = G.tril() + G.tril(-1).mT  # the symmetric matrix the lower triangle describes
+    ok = ~flagged
+    Gd, Rd = Gl[ok].to(dtype).double(), R[ok].to(dtype).double()
+    exact = torch.linalg.solve(Gd + 0.1 * torch.eye(r, dtype=torch.float64), Rd.mT).mT
+    assert rel_err(A[ok], exact) <= TOL[dtype]
+
+
 def test_non_contiguous_inputs(ext):
     gen = torch.Generator().manual_seed(3)
     G = spd(6, 11, gen).to(torch.float32).mT  # a transposed view: same values (symmetric), other strides
