@@ -1,6 +1,8 @@
 """Relative error against parameter ratio: GloBE's warm starts, the weight-aware mode, per-expert truncated
 SVD at equal parameters, and a gradient-descent baseline (Adam on the same parameterisation with dense softmax
-mixtures, as the MoBE paper trains it) given the same wall time as the weight-aware fit.
+mixtures, as the MoBE paper trains it) given the same wall time as the weight-aware fit. The weight-aware
+mode runs twice: without and with its support search and spectral bank (GlobeConfig.support_search,
+spectral_bank; on by default).
 
     PYTHONPATH=python:. python bench/bench_quality.py           # default run: a few minutes on 2 cores
     PYTHONPATH=python:. python bench/bench_quality.py --quick   # one size, two warm starts
@@ -99,6 +101,13 @@ def main() -> None:
                 f"| {r} ({label}) | {m} | GloBE proxy, {start} | {rel(fit.reconstruct(), W):.4f} | "
                 f"{params_of(fit, p, d) / W.numel():.3f} | {sec:.1f} |"
             )
+        t0 = time.perf_counter()
+        plain = fit_bank(W, GlobeConfig(weight_aware=True, support_search=0, spectral_bank=False, **base))
+        sec = time.perf_counter() - t0
+        print(
+            f"| {r} ({label}) | {m} | GloBE weight-aware, ts_pca, no support search / spectral bank | "
+            f"{rel(plain.reconstruct(), W):.4f} | {params_of(plain, p, d) / W.numel():.3f} | {sec:.1f} |"
+        )
         t0 = time.perf_counter()
         fit = fit_bank(W, GlobeConfig(weight_aware=True, **base))
         wa_sec = time.perf_counter() - t0

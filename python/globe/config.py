@@ -86,9 +86,14 @@ class GlobeConfig:
     spectral_bank: each step also try the bank in which every expert's composed atoms lie closest to its
     dominant row space, all atoms in one common frame (an eigenproblem of size (used atoms x d), kept only if
     the objective drops; :func:`globe.am._spectral_bank`); spectral_max_dim: the largest (used atoms x d) for
-    which it is tried (a dense float64 eigendecomposition: 4096 is about 130 MB and a second or two on CPU).
+    which it is tried (a dense float64 matrix of that side, factorised by Cholesky: at 4096 about 130 MB and a
+    second or two on CPU).
     Measured on planted data (tests/test_am.py): neither move alone reaches the noise floor, both together do
-    on 6 of 10 planted sets (the others end in a bank with a duplicated atom).
+    on 5 of 10 planted sets (the others end in a bank with a duplicated atom). On bench/bench_quality.py's data
+    (shared mean, expert-specific terms) they change the error little (0.2545 -> 0.2532) and double the time
+    of a step there (the support search ~0.1 s per step at N=64, m=8, r=16 on one CPU thread).
+    center stays True by default: on that data, which has a shared mean, the weight-aware fit ends at 0.25
+    centred and 0.44 uncentred; the planted model of the tests has no mean and needs center=False.
     """
 
     r: str | int = "p/2"
