@@ -3,14 +3,16 @@
 // Systems run in parallel over the batch (at::parallel_for); each thread allocates its scratch once, never per
 // system. M = G_i + lam I is formed from G_i's lower triangle and factored in double for both dtypes. Two paths:
 //
-// r <= kLockMaxR (96): L systems in lockstep, L = the lanes of a double vector (4 with AVX2), one system per
-// lane. Their M are gathered lane-interleaved and, with vector instructions on whole lanes (no shuffles, no
-// horizontal reductions), factored as M = V^T D V (V unit upper triangular), inverted to M^-1 = V^-1 D^-1 V^-T
-// (r^3 / 3 flops each step, left-looking, 8-vector register blocks). Then per system: M^-1 is copied out of
-// its lane (rounded to the input dtype) and A_i = R_i M^-1 is one GEMM (p x r x r) in the register tiles of
-// the other path, straight from R_i into A_i. A small r costs little more than its flops: no per-system
-// dependency chain of r pivots, and the solve is one GEMM with K = r rather than 2 r / NR short blocked ones.
-// Work: r^3 flops (double, lockstep) + 2 p r^2 (the GEMM).
+// r <= kLockMaxR (96): L systems in lockstep, one per lane of a vector of doubles (L = 8 in two registers with
+// AVX2 up to r = 24, else 4; 2 in the baseline build). Their M are gathered lane-interleaved and, with vector
+// instructions on whole lanes (no shuffles, no horizontal reductions), factored as M = V^T D V (V unit upper
+// triangular), inverted to M^-1 = V^-1 D^-1 V^-T (r^3 / 3 flops each step, left-looking, blocks of 8 registers
+// of accumulators). Then per system: M^-1 is copied out of its lane (rounded to the input dtype) and
+// A_i = R_i M^-1 is one GEMM (p x r x r) in the register tiles of the other path, straight from R_i into A_i.
+// A small r costs little more than its flops: no per-system dependency chain of r pivots, and the solve is one
+// GEMM with K = r rather than 2 r / NR short blocked ones. Forward errors match the triangular solves' (float64)
+// and beat torch's float32 path (the inverse is formed in double). Work: r^3 flops (double, lockstep) +
+// 2 p r^2 (the GEMM).
 //
 // r > kLockMaxR: per system,
 //   1. factor M = U^T U (U = L^T, upper triangular) in double. Blocked left-looking: a block of 6 rows of U
@@ -129,6 +131,37 @@ GLOBE_SIMD(double, 16)
 GLOBE_SIMD(double, 32)
 #undef GLOBE_SIMD
 
+// Two 32-byte vectors of doubles as one vector of 8 lanes, for the lockstep path at small r (8 systems at a
+// time halve its per-group costs there). Kept as a pair of registers: GCC's own 64-byte vectors, split for
+// AVX2, compiled to much slower code.
+template <>
+struct Simd<double, 64> {
+  static constexpr int kLanes = 8;
+  using H = Simd<double, 32>::V;
+  struct V {
+    H lo, hi;
+    GLOBE_INLINE V& operator+=(const V& o) {
+      lo += o.lo;
+      hi += o.hi;
+      return *this;
+    }
+    GLOBE_INLINE V& operator-=(const V& o) {
+      lo -= o.lo;
+      hi -= o.hi;
+      return *this;
+    }
+    friend GLOBE_INLINE V operator+(V a, const V& b) {
+      return a += b;
+    }
+    friend GLOBE_INLINE V operator*(const V& a, const V& b) {
+      return V{a.lo * b.lo, a.hi * b.hi};
+    }
+    friend GLOBE_INLINE V operator/(const V& a, const V& b) {
+      return V{a.lo / b.lo, a.hi / b.hi};
+    }
+  };
+};
+
 template <typename T, int W>
 using Vec = typename Simd<T, W>::V;
 
@@ -163,6 +196,22 @@ GLOBE_INLINE void vstore(T* p, const Vec<T, W>& v) {
 #else
   std::memcpy(p, &v, sizeof(v));
 #endif
+}
+
+template <>
+GLOBE_INLINE Vec<double, 64> vsplat<double, 64>(double s) {
+  return {vsplat<double, 32>(s), vsplat<double, 32>(s)};
+}
+
+template <>
+GLOBE_INLINE Vec<double, 64> vload<double, 64>(const double* p) {
+  return {vload<double, 32>(p), vload<double, 32>(p + 4)};
+}
+
+template <>
+GLOBE_INLINE void vstore<double, 64>(double* p, const Vec<double, 64>& v) {
+  vstore<double, 32>(p, v.lo);
+  vstore<double, 32>(p + 4, v.hi);
 }
 
 constexpr int64_t round_up(int64_t x, int64_t m) {
@@ -481,13 +530,16 @@ void run_tiles(const Problem<T>& pb, int64_t n, RangeFn<T> range) {
 
 // S holds the L systems' matrices lane-interleaved, the upper triangle packed by rows: element (i, j >= i) is
 // the vector of L doubles at S + L (row(i) + j). Every step is a sum of products of such vectors, each block of
-// up to kLockCB columns of one row accumulating in registers. The factorisation is the square-root-free
+// up to lock_cb columns of one row accumulating in registers. The factorisation is the square-root-free
 // M = V^T D V: its pivots D_j are the squares of the Cholesky factor's diagonal, so they flag exactly the same
 // systems, and no step needs a square root (one vector division per pivot).
 constexpr int64_t kLockMaxR = 96;
 
-// the widest block of columns: 8 vectors of accumulators (with the operands, 10 of the 16 vector registers)
-constexpr int kLockCB = 8;
+// the widest block of columns: 8 registers of accumulators (with the operands, 10 of the 16 vector registers)
+template <int LW>
+constexpr int lock_cb() {
+  return LW > 32 ? 4 : 8;
+}
 
 GLOBE_INLINE int64_t packed_row(int64_t r, int64_t i) {
   return i * r - i * (i + 1) / 2;
@@ -544,7 +596,8 @@ GLOBE_INLINE void lock_factor_block(double* S, double* Di, int64_t r, int64_t j,
 template <int LW>
 GLOBE_INLINE void lock_factor_row(double* S, double* Di, int64_t r, int64_t j, unsigned& bad) {
   int64_t c = j;
-  for (; c + kLockCB <= r; c += kLockCB) lock_factor_block<LW, kLockCB>(S, Di, r, j, c, bad);
+  constexpr int CB = lock_cb<LW>();
+  for (; c + CB <= r; c += CB) lock_factor_block<LW, CB>(S, Di, r, j, c, bad);
   if (c + 4 <= r) {
     lock_factor_block<LW, 4>(S, Di, r, j, c, bad);
     c += 4;
@@ -586,16 +639,17 @@ GLOBE_INLINE void lock_inverse_block(double* S, int64_t r, int64_t i, int64_t c)
 
 template <int LW>
 GLOBE_INLINE void lock_inverse_row(double* S, int64_t r, int64_t i) {
-  // blocks of kLockCB from i + 1, then 4, 2, 1; visited from the right
+  // blocks of CB from i + 1, then 4, 2, 1; visited from the right
+  constexpr int CB = lock_cb<LW>();
   const int64_t c0 = i + 1;
-  const int64_t nb = (r - c0) / kLockCB;
-  int64_t c = c0 + kLockCB * nb;
+  const int64_t nb = (r - c0) / CB;
+  int64_t c = c0 + CB * nb;
   const int64_t rem = r - c;
   const int64_t c4 = c, c2 = c4 + (rem & 4), c1 = c2 + (rem & 2);
   if (rem & 1) lock_inverse_block<LW, 1>(S, r, i, c1);
   if (rem & 2) lock_inverse_block<LW, 2>(S, r, i, c2);
   if (rem & 4) lock_inverse_block<LW, 4>(S, r, i, c4);
-  for (c -= kLockCB; c >= c0; c -= kLockCB) lock_inverse_block<LW, kLockCB>(S, r, i, c);
+  for (c -= CB; c >= c0; c -= CB) lock_inverse_block<LW, CB>(S, r, i, c);
 }
 
 // Columns [c, c + CB) (c >= i) of row i of M^-1 = Y D^-1 Y^T, rows < i already done in place:
@@ -626,7 +680,8 @@ GLOBE_INLINE void lock_product_block(double* S, const double* Di, int64_t r, int
 template <int LW>
 GLOBE_INLINE void lock_product_row(double* S, const double* Di, int64_t r, int64_t i) {
   int64_t c = i;
-  for (; c + kLockCB <= r; c += kLockCB) lock_product_block<LW, kLockCB>(S, Di, r, i, c);
+  constexpr int CB = lock_cb<LW>();
+  for (; c + CB <= r; c += CB) lock_product_block<LW, CB>(S, Di, r, i, c);
   if (c + 4 <= r) {
     lock_product_block<LW, 4>(S, Di, r, i, c);
     c += 4;
@@ -761,11 +816,11 @@ void lock_range(const Problem<T>& pb, const LockScratch<T>& s, int64_t begin, in
 }
 
 #if GLOBE_X86_CLONES
-template <typename T, int MR, int NV>
+template <typename T, int LW, int MR, int NV>
 __attribute__((target("avx2,fma"), flatten)) void lock_range_avx2(const Problem<T>& pb, const LockScratch<T>& s,
                                                                    int64_t begin, int64_t end) {
-  constexpr int L = Simd<double, 32>::kLanes;
-  for (int64_t g = begin; g < end; ++g) lock_group<T, 32, 32, MR, NV>(pb, s, g * L);
+  constexpr int L = Simd<double, LW>::kLanes;
+  for (int64_t g = begin; g < end; ++g) lock_group<T, 32, LW, MR, NV>(pb, s, g * L);
 }
 #endif
 
@@ -801,20 +856,24 @@ void run_lock(const Problem<T>& pb, LockRangeFn<T> range) {
 
 // Solve tiles of MR rows x NV vectors of accumulators: 6 x 2 (12 of the 16 vector registers); 8 x 1 when r
 // fits in one vector, so that a small r pads no columns (lockstep path only: the other starts above 96); in
-// the lockstep GEMM in float64 with AVX2 from r = 32, 3 x 4 (measured 10-15% faster there than 6 x 2).
+// the lockstep GEMM in float64 with AVX2 from r = 32, 3 x 4 (measured 10-15% faster there than 6 x 2). With
+// AVX2 the lockstep path takes 8 systems at a time up to r = 24 (6-14% faster there), 4 above.
 template <typename T>
 void run(const Problem<T>& pb, int64_t n) {
   const bool lock = pb.r <= kLockMaxR;
 #if GLOBE_X86_CLONES
   if (use_avx2()) {
+    const bool pair = pb.r <= 24;
     if (!lock) {
       run_tiles<T, 32, 6, 2>(pb, n, &solve_range_avx2<T, 6, 2>);
     } else if (pb.r <= Simd<T, 32>::kLanes) {
-      run_lock<T, 32, 32, 8, 1>(pb, &lock_range_avx2<T, 8, 1>);
+      run_lock<T, 32, 64, 8, 1>(pb, &lock_range_avx2<T, 64, 8, 1>);
+    } else if (pair) {
+      run_lock<T, 32, 64, 6, 2>(pb, &lock_range_avx2<T, 64, 6, 2>);
     } else if (sizeof(T) == sizeof(double) && pb.r >= 32) {
-      run_lock<T, 32, 32, 3, 4>(pb, &lock_range_avx2<T, 3, 4>);
+      run_lock<T, 32, 32, 3, 4>(pb, &lock_range_avx2<T, 32, 3, 4>);
     } else {
-      run_lock<T, 32, 32, 6, 2>(pb, &lock_range_avx2<T, 6, 2>);
+      run_lock<T, 32, 32, 6, 2>(pb, &lock_range_avx2<T, 32, 6, 2>);
     }
     return;
   }

@@ -145,13 +145,14 @@ def test_non_spd_flagged_and_solved(ext, dtype, n, r, p, lam):
     assert rel_err(A, exact) <= TOL[dtype] * 10  # the least-squares path is a little less exact
 
 
-# The CPU kernel has two paths: r <= 96 runs L systems in lockstep, one per lane of a double vector (L = 4 with
-# AVX2, 2 in the baseline build), factoring in blocks of up to 8 columns; the solve is then a GEMM in tiles of
-# 8 or 6 or 3 rows and 8 or 16 columns (fp32 AVX2: 8 x 8 up to r = 8, else 6 x 16; fp64 AVX2: 8 x 4 up to r = 4,
-# 6 x 8 up to r = 31, 3 x 16 from r = 32; half the columns in the baseline build). Larger r factor and solve one
-# system at a time. The sizes below sit at and around each boundary; p = r + 3 mostly leaves a partial row tile.
+# The CPU kernel has two paths: r <= 96 runs L systems in lockstep, one per lane of a vector of doubles (AVX2:
+# L = 8 up to r = 24, else 4; 2 in the baseline build), factoring in blocks of up to 8 (L = 8: 4) columns; the
+# solve is then a GEMM in tiles of 8, 6 or 3 rows and 8 or 16 columns (fp32 AVX2: 8 x 8 up to r = 8, else
+# 6 x 16; fp64 AVX2: 8 x 4 up to r = 4, 6 x 8 up to r = 31, 3 x 16 from r = 32; half the columns in the baseline
+# build). Larger r factor and solve one system at a time. The sizes below sit at and around each boundary;
+# p = r + 3 mostly leaves a partial row tile.
 LOCKSTEP_MAX_R = 96
-BOUNDARY_R = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 95, 96, 97)
+BOUNDARY_R = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 25, 31, 32, 33, 63, 64, 65, 95, 96, 97)
 
 
 def raw_op_check(G: torch.Tensor, R: torch.Tensor, lam: float, flagged: torch.Tensor, dtype: torch.dtype) -> None:
@@ -173,14 +174,14 @@ def raw_op_check(G: torch.Tensor, R: torch.Tensor, lam: float, flagged: torch.Te
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("r", BOUNDARY_R)
 def test_path_boundaries_with_mixed_lane_groups(ext, monkeypatch, isa, dtype, r):
-    """Odd batches (7: one full lane group and a partial one of 3 with AVX2), odd p (a partial row tile), SPD
-    systems beside indefinite, negative definite and shifted-to-SPD ones in the same lane group."""
+    """An odd batch (11: full lane groups and a partial one for L = 8, 4 and 2), odd p (a partial row tile),
+    SPD systems beside indefinite, negative definite and shifted-to-SPD ones in the same lane group."""
     if isa == "generic":
         monkeypatch.setenv("GLOBE_EXT_ISA", "generic")
     gen = torch.Generator().manual_seed(r)
     lam = 0.1
-    n, p = 7, r + 3
-    G, R, flagged = mixed_batch(n, r, p, lam, gen)  # systems 1, 2, 5, 6 are not positive definite
+    n, p = 11, r + 3
+    G, R, flagged = mixed_batch(n, r, p, lam, gen)  # systems 1, 2, 5, 6, 9, 10 are not positive definite
     raw_op_check(G, R, lam, flagged, dtype)
 
 
