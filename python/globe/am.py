@@ -230,6 +230,28 @@ def _normalise_atoms(
     return bank, alpha / sums[:, None], A * sums[:, None, None]
 
 
+def _mean_step(
+    Z: torch.Tensor, A: torch.Tensor, composed: torch.Tensor, train: torch.Tensor, norm: Normalization
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Refit the shared mean term: the exact minimiser of sum_i ||Z_i - mu - A_i B~_i||^2 over the training
+    experts is mu = mean_i (Z_i - A_i B~_i). Z is shifted by mu (every expert) and diag(s) mu is added to
+    norm.mean in place, so diag(s) Z_i + mean = W_i still holds. Returns (Z, per-expert normalised residuals
+    after the shift, RMS of mu)."""
+    N = Z.shape[0]
+    idx = train.nonzero().flatten()
+    mu = torch.zeros(Z.shape[1], Z.shape[2], dtype=torch.float64, device=Z.device)
+    for lo in range(0, idx.numel(), _CHUNK):
+        sel = idx[lo : lo + _CHUNK]
+        mu += (Z[sel] - A[sel] @ composed[sel]).double().sum(0)
+    mu = (mu / max(1, idx.numel())).to(Z.dtype)
+    Z = Z - mu
+    norm.mean += mu * norm.scale.to(mu)[:, None]
+    res = torch.empty(N, dtype=torch.float64, device=Z.device)
+    for lo in range(0, N, _CHUNK):
+        res[lo : lo + _CHUNK] = _frob2(Z[lo : lo + _CHUNK] - A[lo : lo + _CHUNK] @ composed[lo : lo + _CHUNK])
+    return Z, res, float(mu.double().pow(2).mean().sqrt())
+
+
 def _ls_targets(Z: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Each expert's least-squares right factor: (A_iᵀA_i + ridge)^-1 A_iᵀ Z_i, normalised."""
     G = A.transpose(1, 2) @ A
@@ -674,6 +696,9 @@ def fit_bank(
     for lo in range(0, N, _CHUNK):
         wn[lo : lo + _CHUNK] = (Z[lo : lo + _CHUNK].double().pow(2).sum(2) * s2).sum(1)
     wn_total = float(wn.sum()) + float(norm.mean.double().pow(2).sum()) * N if cfg.center else float(wn.sum())
+    # weight-aware and centred: the mean is a fitted term of the objective, updated every step (_mean_step);
+    # wn stays the energy about the initial mean, so rel_error keeps one denominator and follows the objective
+    fit_mean = cfg.weight_aware and cfg.center and cfg.fit_mean
 
     # 2. warm start
     from globe.seeding import seed_proxies
@@ -749,7 +774,7 @@ def fit_bank(
     if callback is not None:
         callback(rec0)
 
-    state = {"bank": bank, "alpha": alpha, "A": A, "T": T, "step": 0}
+    state = {"bank": bank, "alpha": alpha, "A": A, "T": T, "step": 0, "mean": norm.mean}
     use_val = n_val > 0
     best_err = rec0["rel_error_val" if use_val else "rel_error"]
     best = _snapshot(state)
@@ -902,11 +927,16 @@ def fit_bank(
             A = A_new
         extra["cholesky_fallbacks"] = fallbacks
         lam_abs = cfg.lambda_A * float(G.diagonal(dim1=1, dim2=2).sum(1).mean()) / r
+        if cfg.weight_aware:
+            res_cur = torch.where(keep, res_new, res_old)
+        # 4a. the shared mean term (weight-aware, centred): its exact minimiser given A and B~
+        if fit_mean:
+            Z, res_cur, extra["mean_shift_rms"] = _mean_step(Z, A, comp, train, norm)
+            zn = _frob2(Z)
         extra.update(M.condition_numbers(G, lam_abs))
         # 4b. support search (weight-aware): swap / add atoms against the adapter-eliminated objective
         if cfg.weight_aware and cfg.support_search > 0:
             t_ss = time.perf_counter()
-            res_cur = torch.where(keep, res_new, res_old)
             max_support = min(cfg.top_k, m) if cfg.sparsity == "topk" else target
             swaps, gain = 0.0, 0.0
             for _ in range(cfg.support_search):
@@ -933,7 +963,7 @@ def fit_bank(
             callback(rec)
 
         # early stop on the validation error plateau with stable supports
-        state = {"bank": bank, "alpha": alpha, "A": A, "T": T, "step": step}
+        state = {"bank": bank, "alpha": alpha, "A": A, "T": T, "step": step, "mean": norm.mean}
         err = rec["rel_error_val" if use_val else "rel_error"]
         if err < best_err * (1 - cfg.min_improvement):
             best_err, best, stale = err, _snapshot(state), 0
@@ -945,6 +975,7 @@ def fit_bank(
 
     if best["step"] != state["step"]:
         bank, alpha, A, T = best["bank"], best["alpha"], best["A"], best["T"]
+        norm.mean.copy_(best["mean"])
     final = history[best["step"]]
     A_out = norm.fold_adapters(A)
     summary: dict[str, Any] = {
