@@ -368,8 +368,21 @@ def _sym_inverse(G: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def _pair_sum(w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """sum_ab w[n, c, a] w[n, c, b] T[n, a, b] for w [n, C, u], T [n, u, u, r, r] -> [n, C, r, r]."""
-    return torch.einsum("ncb,ncbxy->ncxy", w, torch.einsum("nca,nabxy->ncbxy", w, T))
+    """sum_ab w[n, c, a] w[n, c, b] T[n, a, b] for w [n, C, u], T [n, u, u, r, r] -> [n, C, r, r].
+
+    One batched product of the outer products w wᵀ [n, C, u*u] with T [n, u*u, r*r]: no [n, C, u, r, r]
+    intermediate (contracting one index at a time made one, and was most of the support search's time)."""
+    n, C, u = w.shape
+    r = T.shape[-1]
+    ww = (w[:, :, :, None] * w[:, :, None, :]).reshape(n, C, u * u)
+    return (ww @ T.reshape(n, u * u, r * r)).reshape(n, C, r, r)
+
+
+def _pair_dot(X: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """<X[n, c], T[n, a, b]> for X [n, C, r, r], T [n, u, u, r, r] -> [n, C, u, u], as one batched product."""
+    n, C, r, _ = X.shape
+    u = T.shape[1]
+    return (X.reshape(n, C, r * r) @ T.reshape(n, u * u, r * r).transpose(1, 2)).reshape(n, C, u, u)
 
 
 def _vp_state(
@@ -512,9 +525,9 @@ def _support_search(
         for _ in range(_SUPPORT_MM_ROUNDS):
             _, X, H, _ = _vp_state(w, PU, KU, zc, lam)
             # the A*-fixed quadratic: Q_ab = <B_a, A*ᵀA* B_b> = <H, PU[a, b]>, c_a = <A*ᵀ Z_i, B_a>
-            Qc = torch.einsum("ncxy,nabxy->ncab", H.to(dtype), PU).reshape(-1, u, u)
+            Qc = _pair_dot(H.to(dtype), PU).reshape(-1, u, u)
             Qc = (Qc + Qc.transpose(1, 2)) / 2
-            cc = (torch.einsum("ncxy,nabxy->ncab", X.to(dtype), KU) @ w[..., None]).reshape(-1, u)
+            cc = (_pair_dot(X.to(dtype), KU) @ w[..., None]).reshape(-1, u)
             lip = 2 * torch.linalg.eigvalsh(Qc.double())[:, -1:].clamp_min(1e-300).to(dtype)
             wf = w.reshape(-1, u)
             for _ in range(_SUPPORT_PG_ITERS):
