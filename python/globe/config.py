@@ -99,9 +99,10 @@ class GlobeConfig:
     but the held-out experts' error rises, and early stopping on it then keeps an early step.
     Measured on planted data (tests/test_am.py): neither move alone reaches the noise floor, both together do
     on 6 of 10 planted sets (the others end in other local minima of the bank; see restarts). On
-    bench/bench_quality.py's data (shared mean, expert-specific terms) they change the error little (0.2545 ->
-    0.2532 at r=16, 0.1257 -> 0.1245 at r=32) and cost several plain steps each (the support search about 1 s
-    per step at N=64, m=16, r=32 on one CPU thread, against 0.1 s for the rest of the step).
+    bench/bench_quality.py's data (shared mean, expert-specific terms) they change the error little (0.2491 ->
+    0.2455 at r=16, 0.0986 -> 0.0957 at r=32) and cost several plain steps each (the support search about 1 s
+    per step at N=64, m=16, r=32, against 0.1 s for the rest of the step); the refinement stage makes better
+    use of that time there (0.0684 in the same 20 s).
     center stays True by default: on that data, which has a shared mean, the weight-aware fit ends at 0.25
     centred and 0.44 uncentred; the planted model of the tests has no mean and needs center=False.
     """
