@@ -299,6 +299,35 @@ def test_topk_caps_support():
     assert int((fit.alpha != 0).sum(1).max()) <= 2
 
 
+def test_final_pass_fits_the_held_out_experts_into_the_bank():
+    # a quarter of the experts held out: after the validated phase, final_steps more steps with them in the
+    # dictionary step; their error must drop and the error over all experts must not rise
+    W, _ = planted(N=32, seed=4, noise=0.1)
+    base = dict(r=6, m=6, target_support=2, weight_aware=True, steps=8, patience=100, val_fraction=0.25,
+                support_search=0, spectral_bank=False, center=False)
+    held = fit_bank(W, GlobeConfig(final_steps=0, **base))
+    records = []
+    fit = fit_bank(W, GlobeConfig(final_steps=3, **base), callback=records.append)
+    assert fit.val_index == held.val_index and len(fit.val_index) == 8
+    vi = fit.val_index
+
+    def err(f, idx):
+        return rel(f.reconstruct()[idx], W[idx])
+
+    assert err(fit, vi) < 0.8 * err(held, vi)
+    assert fit.metrics["rel_error_all"] <= held.metrics["rel_error_all"] * (1 + 1e-9)
+    # records: the validated phase is unchanged, then three final-pass steps without a validation error
+    finals = [r for r in records if r.get("stage") == "final"]
+    assert len(finals) == 3 == fit.metrics["final_steps_run"]
+    assert all(math.isnan(r["rel_error_val"]) for r in finals)
+    assert [r["rel_error_all"] for r in records[:9]] == [h["rel_error_all"] for h in held.history]
+    assert fit.metrics["validated_step"] == held.metrics["best_step"]
+    assert fit.metrics["rel_error_val"] == held.metrics["rel_error_val"]
+    assert fit.metrics["n_val"] == 8
+    with pytest.raises(ConfigError, match=r"GlobeConfig\.final_steps"):
+        GlobeConfig(final_steps=-1)
+
+
 def test_deterministic_bit_identical():
     W, _ = planted(N=16, seed=5)
     for wa in (False, True):
@@ -311,7 +340,7 @@ def test_deterministic_bit_identical():
 def test_history_has_section5_metrics():
     W, _ = planted(N=16, seed=6)
     records = []
-    fit = fit_bank(W, GlobeConfig(r=6, m=4, steps=2), callback=records.append)
+    fit = fit_bank(W, GlobeConfig(r=6, m=4, steps=2, final_steps=0), callback=records.append)
     assert len(records) == len(fit.history) == 3
     rec = records[-1]
     for key in (
@@ -445,7 +474,7 @@ def test_phi_without_refinement_is_refused_and_refinement_settings_are_checked()
     old = {k: v for k, v in default.to_dict().items()
            if k not in ("device", "budget", "refine_steps", "refine_method", "refine_time_limit", "coherence",
                         "coherence_iters", "support_search", "support_candidates", "spectral_bank",
-                        "spectral_max_dim", "fit_mean", "restarts")}
+                        "spectral_max_dim", "fit_mean", "restarts", "final_steps")}
     assert default.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
 
 

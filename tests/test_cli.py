@@ -187,7 +187,9 @@ def test_metrics_jsonl_holds_every_metric(reference):
     out, _ = reference
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("kind") == "am_step"]
-    assert step_runs(out) == {(f, f"layer{L}"): [0, 1, 2, 3] for f in ("gate", "up") for L in (0, 1)}
+    # 3 validated steps, then the final pass (GlobeConfig.final_steps = 3) with the held-out experts in the fit
+    assert step_runs(out) == {(f, f"layer{L}"): [0, 1, 2, 3, 4, 5, 6] for f in ("gate", "up") for L in (0, 1)}
+    assert {r["step"] for r in steps if r.get("stage") == "final"} == {4, 5, 6}
     for rec in records:
         assert SWEEP_KEY <= rec.keys(), f"record without the sweep key: {rec.get('kind')}"
     for rec in steps:

@@ -680,8 +680,9 @@ def _fit_restarts(
             return callback({**rec, "restart": i})
 
         fit = fit_bank(W, sub, callback=tagged if callback is not None else None)
-        rec = fit.history[fit.metrics["best_step"]]
-        score = rec["rel_error_val"] if fit.metrics["n_val"] else rec["objective"]
+        # held-out experts: their error at the validated step; else the training objective of the kept step
+        score = (fit.metrics["rel_error_val"] if fit.metrics["n_val"]
+                 else fit.history[fit.metrics["best_step"]]["objective"])
         scores.append(float(score))
         if best is None or score < min(scores[:-1]):
             best = fit
@@ -840,8 +841,30 @@ def fit_bank(
     stale = 0
     stopped_early = False
     spectral_next, spectral_wait = 1, 1  # the step of the next spectral-bank try, the wait after it
+    # the final pass: after the validated phase, final_steps more steps with the held-out experts in the fit
+    n_held, val_best_step = n_val, 0
+    final_pass = n_val > 0 and cfg.final_steps > 0
+    in_final, best_all = False, float("inf")
+    step, last_step = 0, cfg.steps
 
-    for step in range(1, cfg.steps + 1):
+    while True:
+        step += 1
+        if step > last_step:
+            if in_final or not final_pass:
+                break
+            # restore the validated best state, then let every expert into the dictionary step
+            val_best_step = best["step"]
+            if best["step"] != state["step"]:
+                bank, alpha, A, T = best["bank"], best["alpha"], best["A"], best["T"]
+                if fit_mean:  # Z = (W - mean) / s follows the restored mean
+                    Z = Z + ((norm.mean - best["mean"]) / norm.scale[:, None]).to(Z)
+                    zn = _frob2(Z)
+                norm.mean.copy_(best["mean"])
+            train = torch.ones_like(train)
+            is_val = torch.zeros_like(is_val)
+            n_val, use_val, in_final = 0, False, True
+            best_all = history[best["step"]]["rel_error_all"]
+            last_step = step - 1 + cfg.final_steps
         t_step = time.perf_counter()
         extra: dict[str, Any] = {}
         reseeded = 0
@@ -1015,14 +1038,20 @@ def fit_bank(
         if cfg.sparsity != "topk":
             T = min(max(T * math.exp(-cfg.eta * (med / target - 1.0)), cfg.T_min), cfg.T_max)
         extra["step_time_s"] = time.perf_counter() - t_step
+        if in_final:
+            extra["stage"] = "final"
         rec = record(step, extra)
         rec["temperature"] = T
         history.append(rec)
         if callback is not None:
             callback(rec)
 
-        # early stop on the validation error plateau with stable supports
         state = {"bank": bank, "alpha": alpha, "A": A, "T": T, "step": step, "mean": norm.mean}
+        if in_final:  # keep the final-pass step with the lowest error over all experts (or the validated one)
+            if rec["rel_error_all"] < best_all:
+                best_all, best = rec["rel_error_all"], _snapshot(state)
+            continue
+        # early stop on the validation error plateau with stable supports
         err = rec["rel_error_val" if use_val else "rel_error"]
         if err < best_err * (1 - cfg.min_improvement):
             best_err, best, stale = err, _snapshot(state), 0
@@ -1030,8 +1059,10 @@ def fit_bank(
             stale += 1
         if stale >= cfg.patience and rec["support_change"] <= cfg.support_tol:
             stopped_early = True
-            break
+            last_step = step  # the final pass, if any, starts at the next step
 
+    if not in_final:
+        val_best_step = best["step"]
     if best["step"] != state["step"]:
         bank, alpha, A, T = best["bank"], best["alpha"], best["A"], best["T"]
         norm.mean.copy_(best["mean"])
@@ -1045,10 +1076,12 @@ def fit_bank(
         "steps_run": len(history) - 1,
         "best_step": best["step"],
         "stopped_early": stopped_early,
-        "n_val": n_val,
+        "n_val": n_held,
+        "final_steps_run": sum(1 for h in history if h.get("stage") == "final"),
+        "validated_step": val_best_step,
         "temperature": T,
         "rel_error": final["rel_error"],
-        "rel_error_val": final["rel_error_val"],
+        "rel_error_val": history[val_best_step]["rel_error_val"],  # at the validated step
         "rel_error_all": final["rel_error_all"],
         "rel_error_init": rec0["rel_error"],
         "support_median": final.get("support_median"),

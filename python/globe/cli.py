@@ -865,7 +865,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         sweep = config.sweep_key(r, m)
         sinks = _make_sinks(out, config, args, sweep)
-        progress = Progress(steps=config.steps, enabled=not args.quiet)
+        progress = Progress(steps=config.steps + config.final_steps, enabled=not args.quiet)  # an upper bound
         t0 = time.perf_counter()
         try:
             artifact = compress(checkpoint, out, config, progress=progress, sinks=sinks, resume=resume)
