@@ -64,9 +64,11 @@ Validation: ``val_fraction`` of the experts (at least one when N >= 4, none belo
 dictionary step. Every step their codes and adapters are fitted like the others' with the bank frozen, i.e.
 the bank is judged on experts it was not fitted on. The loop stops when the held-out relative error has not
 improved by ``min_improvement`` (relative) for ``patience`` steps while the supports are stable (the share of
-experts whose support changed is at most ``support_tol``); the state of the best step is restored. Held-out
-experts have codes and adapters for the final bank like every other expert, so all are in the artifact.
-Without held-out experts the training error plays that role.
+experts whose support changed is at most ``support_tol``); the state of the best step is restored. Then the
+final pass: ``final_steps`` more steps in which the held-out experts join the dictionary step, so the bank is
+fitted to every expert of the artifact; the step with the lowest error over all experts is kept (the validated
+state included), and the records of these steps carry ``"stage": "final"`` and no validation error. Without
+held-out experts the training error plays the validation's role and there is no final pass.
 
 Coherence penalty (``config.coherence`` > 0, proxy mode): the dictionary step becomes
 :func:`globe.coherence.mod_solve_with_coherence`, min ||X - C B||² + lam_B ||B||² + mu Σ_{j≠k} <B_j, B_k>²
