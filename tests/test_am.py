@@ -446,6 +446,24 @@ def test_fit_bank_with_tanh_refinement_matches_the_artifact_and_does_not_lose_to
     assert err(fit) <= err(linear) * (1 + 1e-5)
 
 
+def test_refinement_final_pass_lets_the_bank_fit_the_held_out_experts():
+    W, _ = planted(N=32, seed=4, noise=0.1)
+    base = dict(r=6, m=6, target_support=2, weight_aware=True, steps=6, patience=100, val_fraction=0.25,
+                support_search=0, spectral_bank=False, center=False, refine_steps=40, refine_method="adam")
+    held = fit_bank(W, GlobeConfig(final_steps=0, **base))
+    records = []
+    fit = fit_bank(W, GlobeConfig(final_steps=3, **base), callback=records.append)
+    vi = fit.val_index
+    assert len(vi) == 8
+    finals = [r for r in records if r.get("stage") == "refine_final"]
+    assert finals and finals == [h for h in fit.history if h.get("stage") == "refine_final"]
+    # the final refinement starts from the validated refinement over all experts and never ends above it
+    assert fit.metrics["refine.final_rel_error"] <= fit.metrics["refine.final_rel_error_start"] * (1 + 1e-6)
+    assert math.isclose(fit.metrics["refine.final_rel_error"], rel(fit.reconstruct(), W), rel_tol=1e-4)
+    assert rel(fit.reconstruct()[vi], W[vi]) < rel(held.reconstruct()[vi], W[vi])
+    assert rel(fit.reconstruct(), W) < rel(held.reconstruct(), W)
+
+
 def test_phi_without_refinement_is_refused_and_refinement_settings_are_checked():
     with pytest.raises(ConfigError, match="refine_steps"):
         fit_bank(torch.randn(8, 4, 6), GlobeConfig(phi="silu", refine_steps=0))

@@ -723,7 +723,10 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     equal wall time in bench/bench_refine.py), ``config.refine_time_limit`` (None), ``config.center``. Runs
     :func:`refine_fit` on W [N, p, d] (original scale) with the mean refitted when centred, then updates
     fit.bank / alpha / A / normalization.mean, sets ``fit.phi``, appends the refinement records to
-    fit.history (``{"stage": "refine", ...}``) and adds ``refine.*`` entries to fit.metrics. Returns fit.
+    fit.history (``{"stage": "refine", ...}``) and adds ``refine.*`` entries to fit.metrics. With held-out
+    experts and ``config.final_steps`` > 0, a final short refinement over all experts follows (``final_steps``
+    iterations for "gn", a tenth of ``refine_steps`` (at least 10) for "adam"; records ``"stage":
+    "refine_final"``), kept only where it lowers the error over all experts. Returns fit.
     Nothing happens (but ``fit.phi`` is set) when φ is the identity and refine_steps is 0.
     """
     phi = check_phi(getattr(config, "phi", "identity"))
@@ -748,4 +751,29 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     if center and res.mean is not None:
         fit.normalization.mean = res.mean.to(fit.normalization.mean)
     fit.metrics.update({f"refine.{k}": v for k, v in res.summary().items()})
+
+    # the final pass, as in the AM (GlobeConfig.final_steps): the held-out experts were refitted with each bank
+    # frozen; a short refinement over all experts lets the bank fit them too. refine keeps its best state by
+    # the error over all experts, the starting one included, so this never makes the artifact worse.
+    final_steps = int(getattr(config, "final_steps", 0) or 0)
+    if fit.val_index and final_steps > 0:
+        n_final = final_steps if method == "gn" else max(10, steps // 10)
+
+        def on_final(rec: dict[str, Any]) -> None:
+            rec = {"stage": "refine_final", **rec}
+            fit.history.append(rec)
+            if callback is not None:
+                callback(rec)
+
+        Wd = W.to(device=fit.A.device, dtype=fit.A.dtype)
+        mean = fit.normalization.mean.to(Wd) if center and fit.normalization.center else None
+        fin = refine(Wd, fit.bank, fit.alpha, fit.A, phi, steps=n_final, method=method, mean=mean,
+                     fit_mean=mean is not None, rescale=False, patience=n_final + 1,
+                     eval_every=1 if method == "gn" else max(1, n_final // 5), callback=on_final)
+        fit.bank, fit.alpha, fit.A = fin.bank, fin.alpha, fin.A
+        if mean is not None and fin.mean is not None:
+            fit.normalization.mean = fin.mean.to(fit.normalization.mean)
+        fit.metrics["refine.final_steps_run"] = fin.steps_run
+        fit.metrics["refine.final_rel_error_start"] = fin.rel_error_start
+        fit.metrics["refine.final_rel_error"] = fin.rel_error
     return fit
