@@ -241,6 +241,34 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
         "(0: off; proxy mode only)",
     ),
     "coherence_iters": (("--coherence-iters",), "N", "iterations of the coherence-penalised dictionary solve"),
+    "support_search": (
+        ("--support-search",),
+        "N",
+        "weight-aware mode: rounds per step of atom swaps scored with the adapter eliminated (0: off)",
+    ),
+    "support_candidates": (("--support-candidates",), "N", "outside atoms each expert tries per swap round"),
+    "spectral_bank": (
+        ("--spectral-bank",),
+        None,
+        "weight-aware mode: also try a bank from one eigenproblem that puts every atom in one frame",
+    ),
+    "spectral_max_dim": (("--spectral-max-dim",), "N", "largest (used atoms x d) the spectral bank is tried at"),
+    "fit_mean": (
+        ("--fit-mean",),
+        None,
+        "weight-aware mode with --center: refit the shared mean term exactly every step",
+    ),
+    "restarts": (
+        ("--restarts",),
+        "N",
+        "whole AM fits from seeds seed, seed+1, ...; the best (held-out error, else training objective) is kept",
+    ),
+    "final_steps": (
+        ("--final-steps",),
+        "N",
+        "steps after the validated phase with the held-out experts in the dictionary step too (0: they stay "
+        "fitted with the bank frozen)",
+    ),
 }
 
 
