@@ -328,6 +328,23 @@ def test_final_pass_fits_the_held_out_experts_into_the_bank():
         GlobeConfig(final_steps=-1)
 
 
+def test_weight_aware_fit_too_large_for_memory_is_refused_before_any_work(monkeypatch):
+    from globe.am import _check_weight_aware_memory
+
+    # Qwen3-30B-A3B at global scope: 48 x 128 experts, m = n/4 = 1536 atoms of r = 384 rows: terabytes
+    with pytest.raises(ConfigError, match=r"GlobeConfig\.weight_aware: .* m=1536 .* r=384 .*scope='layer'"):
+        _check_weight_aware_memory(6144, 1536, 384, torch.device("cpu"), torch.float32)
+    _check_weight_aware_memory(128, 32, 384, torch.device("cpu"), torch.float32)  # one layer: 1.8 GB, allowed
+    W, _ = planted(N=16, seed=2)
+    monkeypatch.setenv("GLOBE_WEIGHT_AWARE_MAX_GB", "1e-6")
+    with pytest.raises(ConfigError, match="GLOBE_WEIGHT_AWARE_MAX_GB=1e-6"):
+        fit_bank(W, GlobeConfig(r=6, m=4, steps=1, weight_aware=True))
+    fit_bank(W, GlobeConfig(r=6, m=4, steps=1))  # the proxy mode is not limited
+    monkeypatch.setenv("GLOBE_WEIGHT_AWARE_MAX_GB", "lots")
+    with pytest.raises(ConfigError, match="expected a number of GiB"):
+        fit_bank(W, GlobeConfig(r=6, m=4, steps=1, weight_aware=True))
+
+
 def test_deterministic_bit_identical():
     W, _ = planted(N=16, seed=5)
     for wa in (False, True):

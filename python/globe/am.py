@@ -86,6 +86,7 @@ nonlinear model). The FitResult records φ and applies it in ``composed()`` / ``
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -660,6 +661,50 @@ def _initial_state(
 # --- the trainer --------------------------------------------------------------------------------------------
 
 
+WEIGHT_AWARE_MAX_GB_ENV = "GLOBE_WEIGHT_AWARE_MAX_GB"
+
+
+def _device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the device (host RAM for CPU), None when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def _check_weight_aware_memory(N: int, m: int, r: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before any work, a weight-aware fit whose dense bank system cannot fit in memory.
+
+    The bank step assembles and factors the (m r) x (m r) normal equations (a few copies of it at once) and the
+    code step holds an m x m quadratic per expert; at global scope on a real model (m in the thousands, r in
+    the hundreds) that is terabytes. The limit is half the device's memory, or GLOBE_WEIGHT_AWARE_MAX_GB."""
+    item = torch.empty((), dtype=dtype).element_size()
+    need = (3 * (m * r) ** 2 + 2 * N * m * m) * item
+    env = os.environ.get(WEIGHT_AWARE_MAX_GB_ENV)
+    if env:
+        try:
+            limit = int(float(env) * 2**30)
+        except ValueError:
+            raise ConfigError(f"{WEIGHT_AWARE_MAX_GB_ENV}={env!r}: expected a number of GiB") from None
+        source = f"{WEIGHT_AWARE_MAX_GB_ENV}={env}"
+    else:
+        total = _device_memory_bytes(device)
+        if total is None:
+            return
+        limit, source = total // 2, f"half of the {device.type} memory, {total / 2**30:.0f} GiB"
+    if need > limit:
+        raise ConfigError(
+            f"GlobeConfig.weight_aware: the weight-aware steps need about {need / 2**30:.1f} GiB for m={m} atoms "
+            f"of r={r} rows over N={N} experts (a dense system of side m*r={m * r}), more than the "
+            f"{limit / 2**30:.1f} GiB allowed ({source}); use scope='layer', a smaller m or r, or the proxy mode "
+            "(weight_aware=False)"
+        )
+
+
 def _fit_restarts(
     W: torch.Tensor,
     cfg: GlobeConfig,
@@ -735,6 +780,8 @@ def fit_bank(
     W_orig = W if cfg.refine_steps else None  # the refinement works in the original scale
     N, p, d = W.shape
     r, m = cfg.resolve_r(p, d), cfg.resolve_m(N)
+    if cfg.weight_aware:
+        _check_weight_aware_memory(N, m, r, device, dtype)
     target = min(cfg.target_support, m)
     sweep = cfg.sweep_key(r, m)
     t_start = time.perf_counter()
