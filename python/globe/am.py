@@ -903,8 +903,8 @@ def fit_bank(
                 break
             # restore the validated best state, then let every expert into the dictionary step
             val_best_step = best["step"]
-            if best["step"] != state["step"]:
-                bank, alpha, A, T = best["bank"], best["alpha"], best["A"], best["T"]
+            if best["step"] != state["step"]:  # copies: the steps below may write into the live tensors
+                bank, alpha, A, T = best["bank"].clone(), best["alpha"].clone(), best["A"].clone(), best["T"]
                 if fit_mean:  # Z = (W - mean) / s follows the restored mean
                     Z = Z + ((norm.mean - best["mean"]) / norm.scale[:, None]).to(Z)
                     zn = _frob2(Z)
