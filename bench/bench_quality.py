@@ -2,7 +2,7 @@
 SVD at equal parameters, and a gradient-descent baseline (Adam on the same parameterisation with dense softmax
 mixtures, as the MoBE paper trains it) given the same wall time as each weight-aware fit. The weight-aware
 mode runs twice: without and with its support search and spectral bank (GlobeConfig.support_search,
-spectral_bank; on by default); a third GloBE row is the plain weight-aware AM followed by the Adam refinement
+spectral_bank; off by default); a third GloBE row is the plain weight-aware AM followed by the Adam refinement
 (globe.refine, phi = identity) within the wall time of the run with the moves. Every GloBE fit puts all experts
 in the bank fit (val_fraction=0), as the baselines do: with the trainer's default held-out experts (10 %), those
 are fitted with the bank frozen and their larger error counts in the total.
@@ -113,7 +113,7 @@ def main() -> None:
             f"{rel(plain.reconstruct(), W):.4f} | {params_of(plain, p, d) / W.numel():.3f} | {sec:.1f} |"
         )
         t0 = time.perf_counter()
-        fit = fit_bank(W, GlobeConfig(weight_aware=True, **base))
+        fit = fit_bank(W, GlobeConfig(weight_aware=True, support_search=1, spectral_bank=True, **base))
         wa_sec = time.perf_counter() - t0
         budget = params_of(fit, p, d)
         print(

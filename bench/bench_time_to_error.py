@@ -295,7 +295,7 @@ def main() -> None:
     ap.add_argument("--mobe-tol", type=float, default=1e-3, help="relative improvement over the window")
     ap.add_argument("--am-steps", type=int, default=15)
     ap.add_argument("--am-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra GlobeConfig field of the linear AM (repeatable), e.g. support_search=0")
+                    help="extra GlobeConfig field of the linear AM (repeatable), e.g. support_search=1")
     ap.add_argument("--globe-refine-time", type=float, default=240.0, help="seconds of refinement at most")
     ap.add_argument("--globe-patience", type=int, default=50, help="refinement records without improvement")
     ap.add_argument("--globe-min-improvement", type=float, default=2e-5,

@@ -43,11 +43,12 @@ def svd_error(W, k):
 
 # The planted model has no shared mean: W_i = A_i sum_j alpha_ij B_j + noise. Centring would subtract the mean
 # over experts and make every target full rank (from the true factors the centred fit sits at 3.1x the noise
-# floor, uncentred at 0.9x), so the fit these tests share is uncentred. The weight-aware mode with its default
+# floor, uncentred at 0.9x), so the fit these tests share is uncentred. The weight-aware mode with its
 # moves (support_search=1, spectral_bank=True) is what reaches the floor (0.94x): without them it ends at 4.7x
 # the floor on this set, with the support search alone at 3.0x, with the spectral bank alone at 4.7x.
 PLANTED_CONFIG = dict(
-    r=6, m=6, target_support=2, weight_aware=True, center=False, steps=20, patience=20, val_fraction=0.0
+    r=6, m=6, target_support=2, weight_aware=True, center=False, steps=20, patience=20, val_fraction=0.0,
+    support_search=1, spectral_bank=True,
 )
 
 
@@ -72,7 +73,7 @@ def test_planted_beats_per_expert_svd_at_equal_parameters():
 
 
 def test_planted_reaches_noise_floor():
-    # config: PLANTED_CONFIG above, i.e. GlobeConfig(weight_aware=True, center=False) with the default support
+    # config: PLANTED_CONFIG above, i.e. GlobeConfig(weight_aware=True, center=False) with the support
     # search and spectral bank. On ten planted sets (seeds 0-9) it ends within 1.3x of the floor on six, at
     # 1.75x on one and at 5.1x to 5.6x on three: local minima of the bank that neither move escapes (without
     # the moves all ten end at 3.7x to 7.1x); restarts=4 takes nine of the ten to the floor (test below).
@@ -161,6 +162,8 @@ def test_weight_aware_objective_non_increasing():
         patience=100,
         val_fraction=0.0,
         dtype="float64",
+        support_search=1,
+        spectral_bank=True,
     )
     fit = fit_bank(W.double(), cfg)
     obj = [h["objective"] for h in fit.history]
@@ -168,7 +171,7 @@ def test_weight_aware_objective_non_increasing():
     for a, b in zip(obj, obj[1:]):
         assert b <= a * (1 + 1e-6), (a, b)
     assert obj[-1] < obj[0]
-    # the steps include the support search and the spectral bank (both on by default), and they did move
+    # the steps include the support search and the spectral bank (both on here), and they did move
     am = fit.history[1:]
     assert all(h["support_search_gain"] >= 0 for h in am)
     assert sum(h["support_swaps"] for h in am) > 0
@@ -526,8 +529,8 @@ def test_weight_aware_move_settings_are_checked_and_enter_the_fingerprint_only_i
     proxy, wa = GlobeConfig(), GlobeConfig(weight_aware=True)
     assert GlobeConfig.from_dict(wa.replace(support_search=2).to_dict()) == wa.replace(support_search=2)
     # no effect in proxy mode, so no new fingerprint there; in weight-aware mode each setting counts
-    assert proxy.replace(support_search=0, spectral_bank=False).fingerprint() == proxy.fingerprint()
-    for change in (dict(support_search=0), dict(support_candidates=2), dict(spectral_bank=False),
+    assert proxy.replace(support_search=1, spectral_bank=True).fingerprint() == proxy.fingerprint()
+    for change in (dict(support_search=1), dict(support_candidates=2), dict(spectral_bank=True),
                    dict(spectral_max_dim=100)):
         assert wa.replace(**change).fingerprint() != wa.fingerprint(), change
 

@@ -38,7 +38,8 @@ objective F = sum_i ||Z_i - A_i sum_j alpha_ij B_j||^2 (a monotone descent):
 * adapters: as in step 4, accepted per expert only if F_i did not increase (the ridge could otherwise raise it
   by a hair).
 
-Two further moves of the weight-aware mode, each kept only where it lowers the objective (so F stays
+Two further moves of the weight-aware mode (off by default: costly, and they pay off only on data with a sharply
+planted sparse structure; see GlobeConfig), each kept only where it lowers the objective (so F stays
 non-increasing), for the local minima the coordinate steps above cannot leave (measured on planted data):
 
 * spectral bank (``config.spectral_bank``, before the bank step): with A fixed the bank step cannot make the
