@@ -110,6 +110,17 @@ def test_restarts_keep_the_best_fit_and_reach_the_floor_where_one_fit_does_not()
     assert torch.equal(alone.bank, fit.bank) and torch.equal(alone.alpha, fit.alpha) and torch.equal(alone.A, fit.A)
 
 
+def test_restarts_with_held_out_experts_compare_the_error_over_all_experts():
+    W, _ = planted(N=24, seed=3)
+    base = dict(r=6, m=6, target_support=2, weight_aware=True, steps=4, patience=10, val_fraction=0.25)
+    fit = fit_bank(W, GlobeConfig(restarts=3, **base))
+    singles = [fit_bank(W, GlobeConfig(seed=s, **base)) for s in range(3)]
+    assert fit.metrics["restart_scores"] == [f.metrics["rel_error_all"] for f in singles]
+    k = fit.metrics["restart_best"]
+    assert torch.equal(fit.bank, singles[k].bank)
+    assert fit.metrics["rel_error_all"] == min(f.metrics["rel_error_all"] for f in singles)
+
+
 def test_proxy_mode_improves_on_initial_state():
     W, clean = planted(seed=1)
     cfg = GlobeConfig(r=6, m=6, target_support=2, steps=15, patience=15)

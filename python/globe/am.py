@@ -728,8 +728,9 @@ def _fit_restarts(
             return callback({**rec, "restart": i})
 
         fit = fit_bank(W, sub, callback=tagged if callback is not None else None)
-        # held-out experts: their error at the validated step; else the training objective of the kept step
-        score = (fit.metrics["rel_error_val"] if fit.metrics["n_val"]
+        # the error over all experts of the state kept (each seed holds out different experts, so their
+        # validation errors are not comparable); without held-out experts, the training objective
+        score = (fit.metrics["rel_error_all"] if fit.metrics["n_val"]
                  else fit.history[fit.metrics["best_step"]]["objective"])
         scores.append(float(score))
         if best is None or score < min(scores[:-1]):

@@ -261,7 +261,7 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
     "restarts": (
         ("--restarts",),
         "N",
-        "whole AM fits from seeds seed, seed+1, ...; the best (held-out error, else training objective) is kept",
+        "whole AM fits from seeds seed, seed+1, ...; the one with the lowest error is kept",
     ),
     "final_steps": (
         ("--final-steps",),

@@ -69,9 +69,9 @@ class GlobeConfig:
     "subspace" (k-subspaces over the proxies' row spaces, frame-free, one-hot codes; measured no better on
     planted data so far); init_restarts: draws of it, the one with the lowest training objective is kept.
     restarts: whole AM fits from seeds seed, seed + 1, ... (warm start, initial bank and every step), the one
-    with the lowest training objective (validation error with held-out experts) kept, then refined; the cost
-    is linear. The AM converges to a local minimum that depends on the start: on the planted sets of
-    tests/test_am.py one weight-aware fit reaches the noise floor on 6 of 10, the best of 4 on 9 of 10.
+    with the lowest training objective (with held-out experts: the lowest error over all experts) kept, then
+    refined; the cost is linear. The AM converges to a local minimum that depends on the start: on the planted
+    sets of tests/test_am.py one weight-aware fit reaches the noise floor on 6 of 10, the best of 4 on 9 of 10.
     seed, device, dtype: reproducibility and placement of the fit.
 
     budget: when set, a fraction in (0, 1] of the original gate/up parameters; :func:`globe.compress.compress`
