@@ -70,6 +70,16 @@ def adam_baseline(W: torch.Tensor, r: int, m: int, seconds: float, seed: int = 0
         return rel(A @ comp + M, W), steps
 
 
+def globe_row(W: torch.Tensor, head: str, base: dict, method: str, **config) -> tuple:
+    """Fit W with GlobeConfig(**base, **config) and print its table row after ``head``; returns (fit, seconds)."""
+    p, d = W.shape[1:]
+    t0 = time.perf_counter()
+    fit = fit_bank(W, GlobeConfig(**config, **base))
+    sec = time.perf_counter() - t0
+    print(f"{head} {method} | {rel(fit.reconstruct(), W):.4f} | {params_of(fit, p, d) / W.numel():.3f} | {sec:.1f} |")
+    return fit, sec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -97,39 +107,20 @@ def main() -> None:
     for label, r, m in sizes:
         # every expert in the bank fit, as for the baselines (no held-out validation experts)
         base = dict(r=r, m=m, steps=args.steps, patience=args.steps + 1, target_support=4, val_fraction=0.0)
+        head = f"| {r} ({label}) | {m} |"
         for start in starts:
-            t0 = time.perf_counter()
-            fit = fit_bank(W, GlobeConfig(seeding=start, **base))
-            sec = time.perf_counter() - t0
-            print(
-                f"| {r} ({label}) | {m} | GloBE proxy, {start} | {rel(fit.reconstruct(), W):.4f} | "
-                f"{params_of(fit, p, d) / W.numel():.3f} | {sec:.1f} |"
-            )
-        t0 = time.perf_counter()
-        plain = fit_bank(W, GlobeConfig(weight_aware=True, support_search=0, spectral_bank=False, **base))
-        sec = time.perf_counter() - t0
-        print(
-            f"| {r} ({label}) | {m} | GloBE weight-aware, ts_pca, no support search / spectral bank | "
-            f"{rel(plain.reconstruct(), W):.4f} | {params_of(plain, p, d) / W.numel():.3f} | {sec:.1f} |"
-        )
-        t0 = time.perf_counter()
-        fit = fit_bank(W, GlobeConfig(weight_aware=True, support_search=1, spectral_bank=True, **base))
-        wa_sec = time.perf_counter() - t0
+            globe_row(W, head, base, f"GloBE proxy, {start}", seeding=start)
+        plain_moves = dict(weight_aware=True, support_search=0, spectral_bank=False)
+        _, sec = globe_row(W, head, base, "GloBE weight-aware, ts_pca, no support search / spectral bank",
+                           **plain_moves)
+        fit, wa_sec = globe_row(W, head, base, "GloBE weight-aware, ts_pca", weight_aware=True, support_search=1,
+                                spectral_bank=True)
         budget = params_of(fit, p, d)
-        print(
-            f"| {r} ({label}) | {m} | GloBE weight-aware, ts_pca | {rel(fit.reconstruct(), W):.4f} | "
-            f"{budget / W.numel():.3f} | {wa_sec:.1f} |"
-        )
         # the whole pipeline in the same wall time: the plain weight-aware AM, then Adam refinement (phi =
-        # identity, early-stopped on the held-out experts) for the rest of the time the moves took
-        t0 = time.perf_counter()
-        refined = fit_bank(W, GlobeConfig(weight_aware=True, support_search=0, spectral_bank=False, refine_steps=10**6,
-                                          refine_time_limit=max(0.1, wa_sec - sec), **base))
-        ref_sec = time.perf_counter() - t0
-        print(
-            f"| {r} ({label}) | {m} | GloBE weight-aware (plain) + Adam refinement | "
-            f"{rel(refined.reconstruct(), W):.4f} | {params_of(refined, p, d) / W.numel():.3f} | {ref_sec:.1f} |"
-        )
+        # identity, early-stopped on the training error: no expert is held out) for the rest of the time the
+        # moves took
+        globe_row(W, head, base, "GloBE weight-aware (plain) + Adam refinement", refine_steps=10**6,
+                  refine_time_limit=max(0.1, wa_sec - sec), **plain_moves)
         err, ratio = svd_at(W, budget)
         print(f"| {r} ({label}) | {m} | per-expert SVD, equal parameters | {err:.4f} | {ratio:.3f} | - |")
         dense_ratio = (m * r * d + N * p * r + N * m + p * d) / W.numel()

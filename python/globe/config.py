@@ -58,7 +58,8 @@ class GlobeConfig:
     experts in the dictionary step too, so that every expert of the artifact is fitted by the bank; the step
     with the lowest error over all experts is kept (the validated state included). 0 leaves the held-out
     experts fitted with the bank frozen: on bench/bench_quality.py's data (r=32, weight-aware) they end at 0.27
-    relative error against 0.09 for the others. weight_aware: fit codes and bank
+    relative error against 0.09 for the others, and at 0.11 with the final pass (bench/bench_trainer_options.py,
+    section final). weight_aware: fit codes and bank
     against the true objective sum_i ||W_i - A_i sum_j alpha_ij B_j||^2 instead of the proxies.
     refresh_targets (proxy mode): after the first step, replace the fixed proxies by each expert's
     least-squares right factor given its current adapter, pinv(A_i) Z_i (fixes the per-expert gauge of the
@@ -71,7 +72,8 @@ class GlobeConfig:
     restarts: whole AM fits from seeds seed, seed + 1, ... (warm start, initial bank and every step), the one
     with the lowest training objective (with held-out experts: the lowest error over all experts) kept, then
     refined; the cost is linear. The AM converges to a local minimum that depends on the start: on the planted
-    sets of tests/test_am.py one weight-aware fit reaches the noise floor on 6 of 10, the best of 4 on 9 of 10.
+    sets of tests/test_am.py one weight-aware fit reaches the noise floor on 6 of 10, the best of 4 on 9 of 10
+    (bench/bench_trainer_options.py, section restarts).
     seed, device, dtype: reproducibility and placement of the fit.
 
     budget: when set, a fraction in (0, 1] of the original gate/up parameters; :func:`globe.compress.compress`
@@ -96,20 +98,24 @@ class GlobeConfig:
     dominant row space, all atoms in one common frame (an eigenproblem of size (used atoms x d), kept only if
     the objective drops; :func:`globe.am._spectral_bank`); spectral_max_dim: the largest (used atoms x d) for
     which it is tried (a dense float64 matrix of that side, factorised by Cholesky: at 4096 about 130 MB and a
-    second or two on CPU). fit_mean (with center=True): every step also refit the shared mean term,
-    M = mean_i (W_i - A_i B~_i) over the training experts (its exact minimiser, so the training objective stays
-    non-increasing), instead of keeping the experts' average. On bench/synthetic_suites.py's clustered family
-    (budget 0.25, global, no held-out experts, 40 steps, both moves off) it takes the weight-aware AM from
-    0.195 to 0.149. Off by default: with held-out experts (bench/bench_quality.py) the training error drops
-    but the held-out experts' error rises, and early stopping on it then keeps an early step.
+    second or two on CPU).
     Measured on planted data (tests/test_am.py): neither move alone reaches the noise floor, both together do
     on 6 of 10 planted sets (the others end in other local minima of the bank; see restarts). On
     bench/bench_quality.py's data (shared mean, expert-specific terms) they change the error little (0.2491 ->
     0.2455 at r=16, 0.0986 -> 0.0957 at r=32) and cost several plain steps each (the support search about 1 s
     per step at N=64, m=16, r=32, against 0.1 s for the rest of the step); the refinement stage makes better
-    use of that time there (0.0684 in the same 20 s). On `globe demo`'s checkpoint the weight-aware compress
-    takes 363 s with both moves and 13 s without, for 0.0776 against 0.0791. So both are off by default: turn
+    use of that time there (0.0684 in the same 20 s). On `globe demo`'s gate experts the weight-aware fit
+    takes 125 s with both moves and 4.4 s without, for 0.0781 against 0.0789 (bench/bench_trainer_options.py,
+    section moves). So both are off by default: turn
     them on (support_search=1, spectral_bank=True) for data with a sharply planted sparse structure.
+    fit_mean (with center=True): every step also refit the shared mean term,
+    M = mean_i (W_i - A_i B~_i) over the training experts (its exact minimiser, so the training objective stays
+    non-increasing), instead of keeping the experts' average. On bench/synthetic_suites.py's clustered family
+    (budget 0.25, global, no held-out experts, 40 steps, both moves off) it takes the weight-aware AM from
+    0.195 to 0.149 (bench/bench_trainer_options.py, section mean). Off by default: with held-out experts
+    (bench/bench_quality.py's data, same section) the training error drops (0.093 against 0.105) but the
+    held-out experts' error never improves on step 1 (0.335 against 0.304 without), so early stopping keeps
+    step 1.
     center stays True by default: on that data, which has a shared mean, the weight-aware fit ends at 0.25
     centred and 0.44 uncentred; the planted model of the tests has no mean and needs center=False.
     """

@@ -738,15 +738,18 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
         return fit
     center = bool(getattr(config, "center", True))
 
-    def on_record(rec: dict[str, Any]) -> None:
-        rec = {"stage": "refine", **rec}
-        fit.history.append(rec)
-        if callback is not None:
-            callback(rec)
+    def recorder(stage: str) -> Callable[[dict[str, Any]], None]:
+        def on_record(rec: dict[str, Any]) -> None:
+            rec = {"stage": stage, **rec}
+            fit.history.append(rec)
+            if callback is not None:
+                callback(rec)
+
+        return on_record
 
     res = refine_fit(fit, W, phi, steps=steps, method=method,
                      fit_mean=center, time_limit=getattr(config, "refine_time_limit", None),
-                     callback=on_record)
+                     callback=recorder("refine"))
     fit.bank, fit.alpha, fit.A = res.bank, res.alpha, res.A
     if center and res.mean is not None:
         fit.normalization.mean = res.mean.to(fit.normalization.mean)
@@ -758,18 +761,11 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     final_steps = int(getattr(config, "final_steps", 0) or 0)
     if fit.val_index and final_steps > 0:
         n_final = final_steps if method == "gn" else max(10, steps // 10)
-
-        def on_final(rec: dict[str, Any]) -> None:
-            rec = {"stage": "refine_final", **rec}
-            fit.history.append(rec)
-            if callback is not None:
-                callback(rec)
-
         Wd = W.to(device=fit.A.device, dtype=fit.A.dtype)
         mean = fit.normalization.mean.to(Wd) if center and fit.normalization.center else None
         fin = refine(Wd, fit.bank, fit.alpha, fit.A, phi, steps=n_final, method=method, mean=mean,
                      fit_mean=mean is not None, rescale=False, patience=n_final + 1,
-                     eval_every=1 if method == "gn" else max(1, n_final // 5), callback=on_final)
+                     eval_every=1 if method == "gn" else max(1, n_final // 5), callback=recorder("refine_final"))
         fit.bank, fit.alpha, fit.A = fin.bank, fin.alpha, fin.A
         if mean is not None and fin.mean is not None:
             fit.normalization.mean = fin.mean.to(fit.normalization.mean)

@@ -1,0 +1,145 @@
+"""What the trainer's robustness and quality options buy, and at what cost: restarts, the final pass over held-out
+experts, the fitted mean, and the weight-aware moves.
+
+    PYTHONPATH=python:. python bench/bench_trainer_options.py [--sections restarts,final,mean,moves]
+
+Sections (relative Frobenius errors against the original weights, wall seconds, ``--threads`` torch threads):
+
+* ``restarts``: the ten planted sets of tests/test_am.py (no shared mean, fitted uncentred, weight-aware with the
+  support search and spectral bank); each set's error over its noise floor (the error of the noiseless truth)
+  for one fit and for the best of ``--restarts`` (GlobeConfig.restarts). Within 1.3x counts as reaching the
+  floor.
+* ``final``: bench/bench_quality.py's planted data (N=64, p=64, d=128), r=32, m=16, 10 % of the experts held
+  out for validation; GlobeConfig.final_steps 0 (held-out experts fitted with the bank frozen) against 3 (they
+  join the dictionary step after the validated phase), in the weight-aware and the proxy mode. Errors of the
+  held-out experts, of the others, and in all.
+* ``mean``: bench/synthetic_suites.py's clustered family (6 layers x 8 experts, p=96, d=384), budget 0.25,
+  global scope (r=43, m=12), no held-out experts, 40 weight-aware steps without the moves; GlobeConfig.fit_mean
+  off and on; then the same on section final's data with its held-out experts (validation error at the step
+  early stopping keeps).
+* ``moves``: the experts `globe demo` plants (gate family, 4 layers x 32 experts, p=128, d=256), with the
+  demo's settings (8 steps, patience 3, r=p/2, m=n/4): the proxy mode, the weight-aware mode, and the
+  weight-aware mode with the support search and spectral bank (GlobeConfig.support_search, spectral_bank).
+  The last takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from globe import GlobeConfig, fit_bank  # noqa: E402
+from globe.budget import max_rank  # noqa: E402
+from globe.synthetic import planted_experts  # noqa: E402
+from synthetic_suites import make_suite  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def timed_fit(W: torch.Tensor, **config) -> tuple:
+    t0 = time.perf_counter()
+    fit = fit_bank(W, GlobeConfig(**config))
+    return fit, time.perf_counter() - t0
+
+
+def restarts(args) -> None:
+    # the planted sets the trainer's tests use (tests/test_am.py: planted, PLANTED_CONFIG)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from test_am import PLANTED_CONFIG, planted
+
+    print(f"\n### Restarts: planted sets of tests/test_am.py, error / noise floor (best of {args.restarts})\n")
+    print(f"| set | one fit | best of {args.restarts} | seconds (one / best of) |")
+    print("|---|---|---|---|")
+    hits = [0, 0]
+    for seed in range(10):
+        W, clean = planted(seed=seed)
+        floor = rel(clean, W)
+        one, t1 = timed_fit(W, **PLANTED_CONFIG)
+        best, tn = timed_fit(W, **PLANTED_CONFIG, restarts=args.restarts)
+        r1, rn = rel(one.reconstruct(), W) / floor, rel(best.reconstruct(), W) / floor
+        hits[0] += r1 <= 1.3
+        hits[1] += rn <= 1.3
+        print(f"| {seed} | {r1:.2f} | {rn:.2f} | {t1:.1f} / {tn:.1f} |")
+    print(f"\nwithin 1.3x of the floor: {hits[0]} of 10 with one fit, {hits[1]} of 10 with the best of {args.restarts}")
+
+
+def final_pass(args) -> None:
+    n, p, d = 32, 64, 128
+    W = planted_experts(2, n, p, d, seed=0, families=("gate",)).weights["gate"].reshape(-1, p, d)
+    print("\n### Final pass: bench_quality's data, r=32, m=16, 10 % held out\n")
+    print("| mode | final_steps | held-out experts | the others | all | seconds |")
+    print("|---|---|---|---|---|---|")
+    for weight_aware in (True, False):
+        for steps in (0, 3):
+            fit, sec = timed_fit(W, r=32, m=16, weight_aware=weight_aware, val_fraction=0.1, final_steps=steps)
+            R = fit.reconstruct()
+            held = fit.val_index
+            rest = [i for i in range(W.shape[0]) if i not in held]
+            print(f"| {'weight-aware' if weight_aware else 'proxy'} | {steps} | {rel(R[held], W[held]):.4f} | "
+                  f"{rel(R[rest], W[rest]):.4f} | {rel(R, W):.4f} | {sec:.1f} |")
+
+
+def fitted_mean(args) -> None:
+    W = make_suite("clustered")
+    L, n, p, d = W.shape
+    Wg = W.reshape(L * n, p, d)
+    m = Wg.shape[0] // 4
+    r = max_rank(0.25, L, n, p, d, m, 4, "global", True)
+    print(f"\n### Fitted mean: clustered, budget 0.25, global (r={r}, m={m}), 40 weight-aware steps\n")
+    print("| fit_mean | error | seconds |")
+    print("|---|---|---|")
+    for on in (False, True):
+        fit, sec = timed_fit(Wg, r=r, m=m, steps=40, patience=40, weight_aware=True, val_fraction=0.0,
+                             target_support=4, fit_mean=on)
+        print(f"| {on} | {rel(fit.reconstruct(), Wg):.4f} | {sec:.1f} |")
+    # with held-out experts (bench_quality's data, as in section final, without the final pass)
+    n, p, d = 32, 64, 128
+    W = planted_experts(2, n, p, d, seed=0, families=("gate",)).weights["gate"].reshape(-1, p, d)
+    print("\nWith 10 % held out (bench_quality's data, r=32, m=16, final_steps=0):\n")
+    print("| fit_mean | held-out error, best step | training error, last step | step kept |")
+    print("|---|---|---|---|")
+    for on in (False, True):
+        fit, _ = timed_fit(W, r=32, m=16, weight_aware=True, val_fraction=0.1, final_steps=0, fit_mean=on)
+        print(f"| {on} | {fit.metrics['rel_error_val']:.4f} | {fit.history[-1]['rel_error']:.4f} | "
+              f"{fit.metrics['best_step']} of {fit.metrics['steps_run']} |")
+
+
+def moves(args) -> None:
+    p, d = 128, 256
+    W = planted_experts(4, 32, p, d, seed=0).weights["gate"].reshape(-1, p, d)
+    print("\n### Weight-aware moves: the demo's gate experts (128 experts, p=128, d=256), 8 steps, patience 3\n")
+    print("| mode | error | seconds |")
+    print("|---|---|---|")
+    for label, extra in (("proxy", {}), ("weight-aware", dict(weight_aware=True)),
+                         ("weight-aware + support search + spectral bank",
+                          dict(weight_aware=True, support_search=1, spectral_bank=True))):
+        fit, sec = timed_fit(W, steps=8, patience=3, **extra)
+        print(f"| {label} | {rel(fit.reconstruct(), W):.4f} | {sec:.1f} |")
+
+
+SECTIONS = {"restarts": restarts, "final": final_pass, "mean": fitted_mean, "moves": moves}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--restarts", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"## bench_trainer_options (torch {torch.__version__}, {args.threads} threads, "
+          f"{time.strftime('%Y-%m-%d %H:%M')})")
+    for name in args.sections.split(","):
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main()
