@@ -7,24 +7,30 @@
 
 Part 1 (default; ``--no-time-to-error`` skips it; about 10 to 15 minutes per suite with the defaults, since
 both methods are run until they stop improving). For each suite (bench/synthetic_suites.py, 6 layers x 8
-experts, p=96, d=384) at one budget and scope (default 0.25, global), with the parameter counts of
-bench/bench_refine.py:
+experts, p=96, d=384) at one budget (default 0.25), with the parameter counts of bench/bench_refine.py:
 
 * ``mobe``: :func:`bench_refine.mobe_fit` (silu over dense softmax mixtures, Adam, random init, dense codes
-  counted as n m numbers) at every learning rate of ``--lrs`` for ``--sweep-time`` seconds; the ``--extend``
+  counted as n m numbers; global scope, m = n/4, no mean term, r the largest within the budget) at every
+  learning rate of ``--lrs`` for ``--sweep-time`` seconds; the ``--extend``
   best of them are continued until the best error has not improved by ``--mobe-tol`` (relative) over
   ``--mobe-window`` steps, or ``--mobe-max-time`` seconds in all. The learning rate with the lowest final
   error is kept: E_mobe is that error, T_mobe the time its run took to get within 1 % of it
   (error <= 1.01 E_mobe).
-* ``globe``: GloBE's best configuration of bench_refine's table: the linear AM (:func:`globe.am.fit_bank`,
-  weight-aware, m = n/4 of the scope, target support 4) followed by :func:`globe.refine.refine` (Adam,
-  phi = identity, the mean refitted) until it stops improving by the refinement's own early stop
-  (``--globe-patience`` records, ``--eval-every`` Adam steps apart, each below a relative gain of
-  ``--globe-min-improvement``: by default about the baseline's 0.1 % over 500 steps) or ``--globe-refine-time``
-  seconds. Its curve is the error against the
-  original weights (mean included: the AM records' ``rel_error_all``, the refinement records' ``rel_error``)
-  at the moment each record reaches this script, from before ``fit_bank`` is called: normalisation, warm start,
-  initial bank, AM steps, metric records and the refinement are all counted.
+* ``globe``: GloBE's configuration for the budget, chosen by :func:`globe.budget.choose_by_budget` (scope,
+  m, r and the mean term, scored by short fits on a sample of experts; ``--globe-config fixed`` takes
+  bench_refine's instead: global, m = n/4, centred). The search's CPU time is printed, not added to the
+  curve, as the baseline's learning-rate sweep is not added to its. Then the linear AM
+  (:func:`globe.am.fit_bank`, weight-aware, target support 4, ``--am-steps`` steps, 2 by default: later AM
+  steps gain little and start the refinement from a worse point) followed by :func:`globe.refine.refine`
+  (``--refine-method``, default "varpro": Adam on bank and codes with the adapters solved exactly every
+  step; phi = identity, the mean refitted when there is one) until it stops improving by the refinement's own
+  early stop (``--globe-patience`` records, ``--eval-every`` steps apart, each below a relative gain of
+  ``--globe-min-improvement``: by default about the baseline's 0.1 % over 500 steps) or
+  ``--globe-refine-time`` seconds. Its curve is the error against the original weights (mean included: the AM
+  records' ``rel_error_all``, the refinement records' ``rel_error``) at the moment each record reaches this
+  script, from before ``fit_bank`` is called: normalisation, warm start, initial bank, AM steps, metric
+  records and the refinement are all counted. With scope "layer" the layers are fitted one after the other
+  and the curve starts once every layer has its AM.
 
 Times are CPU seconds of this process by default (``--clock cpu``; with one torch thread the same as wall time
 on an idle machine, and not inflated by other processes on a shared one); ``--clock wall`` uses wall-clock
@@ -55,7 +61,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_refine import K, mobe_fit, mobe_rank, rel, svd_error  # noqa: E402
 from globe.am import fit_bank  # noqa: E402
-from globe.budget import bank_mode_parameters, max_rank  # noqa: E402
+from globe.budget import bank_mode_parameters, choose_by_budget, max_rank  # noqa: E402
 from globe.config import GlobeConfig  # noqa: E402
 from globe.refine import refine  # noqa: E402
 from synthetic_suites import make_suite  # noqa: E402
@@ -85,10 +91,10 @@ def fmt_t(t: float | None) -> str:
     return "not reached" if t is None else f"{t:.1f} s"
 
 
-def am_config(r: int, m: int, args) -> GlobeConfig:
+def am_config(r: int, m: int, center: bool, args) -> GlobeConfig:
     """The linear AM of bench_refine's table (weight-aware, no held-out experts, support 4), plus --am-option."""
     return GlobeConfig(r=r, m=m, steps=args.am_steps, weight_aware=True, val_fraction=0.0, target_support=K,
-                       patience=3, **args.am_options)
+                       patience=3, center=center, **args.am_options)
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -145,39 +151,70 @@ def mobe_curves(W: torch.Tensor, budget: float, scope: str, args) -> dict:
     return out
 
 
-def globe_curve(W: torch.Tensor, budget: float, scope: str, args) -> dict:
-    """GloBE's best configuration (linear AM, then Adam refinement with phi = identity) with its curve."""
+def globe_setting(W: torch.Tensor, budget: float, args) -> dict:
+    """GloBE's configuration of the cell: ``--globe-config budget`` (default) takes the choice of
+    :func:`globe.budget.choose_by_budget` (scope, m, r, mean term; its search time is reported, not added to the
+    curve, as the baseline's learning-rate sweep is not added to its); ``fixed`` is bench_refine's (global,
+    m = n/4, centred)."""
+    if args.globe_config == "fixed":
+        _, m, r, _ = cell_shape(W, budget, "global")
+        return {"scope": "global", "m": m, "r": r, "center": True, "search_cpu": 0.0, "reason": "fixed"}
+    c0 = time.process_time()
+    choice = choose_by_budget(W, budget, GlobeConfig(weight_aware=True, target_support=K, val_fraction=0.0))
+    win = choice.winner
+    print(f"  budget search ({time.process_time() - c0:.1f} s cpu): {choice.reason}", flush=True)
+    return {"scope": win["scope"], "m": win["m"], "r": win["r"], "center": win["center"],
+            "search_cpu": time.process_time() - c0, "reason": choice.reason}
+
+
+def globe_curve(W: torch.Tensor, budget: float, setting: dict, args) -> dict:
+    """GloBE's configuration (``setting``): the linear AM, then the refinement (``--refine-method``, phi =
+    identity, the mean refitted when centred), with its curve. Scope "layer" fits the layers one after the
+    other (all AMs first, then the refinements, each ``--globe-refine-time`` / L seconds at most); the curve's
+    error is over all layers, each at its latest state, from the moment every layer has one."""
     L, n, p, d = W.shape
-    groups, m, r, _ = cell_shape(W, budget, scope)
-    Wg = groups[0]
+    scope, m, r, center = setting["scope"], setting["m"], setting["r"], setting["center"]
+    groups = [W.reshape(L * n, p, d)] if scope == "global" else [W[i] for i in range(L)]
+    energy = [float(g.double().pow(2).sum()) for g in groups]
+    resid: list[float | None] = [None] * len(groups)
     curve: list[dict] = []
     c0, w0 = time.process_time(), time.perf_counter()
 
-    def stamp(stage: str, err: float) -> None:
-        curve.append({"cpu": time.process_time() - c0, "wall": time.perf_counter() - w0, "err": err,
-                      "stage": stage})
+    def stamp(stage: str, gi: int, err: float) -> None:
+        resid[gi] = err**2 * energy[gi]
+        if all(x is not None for x in resid):
+            curve.append({"cpu": time.process_time() - c0, "wall": time.perf_counter() - w0,
+                          "err": rel(sum(resid), sum(energy)), "stage": stage})
 
-    fit = fit_bank(Wg, am_config(r, m, args), callback=lambda rec: stamp("am", rec["rel_error_all"]))
-    am_err = rel(float((fit.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
+    fits = []
+    for gi, Wg in enumerate(groups):
+        fits.append(fit_bank(Wg, am_config(r, m, center, args),
+                             callback=lambda rec, gi=gi: stamp("am", gi, rec["rel_error_all"])))
+    am_err = rel(sum(float((f.reconstruct() - Wg).double().pow(2).sum()) for f, Wg in zip(fits, groups)),
+                 sum(energy))
     am_cpu, am_wall = time.process_time() - c0, time.perf_counter() - w0
-    res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method="adam", mean=fit.normalization.mean,
-                 fit_mean=True, kmax=K, steps=10**7, time_limit=args.globe_refine_time,
-                 patience=args.globe_patience, min_improvement=args.globe_min_improvement,
-                 eval_every=args.eval_every, lr=args.adam_lr,
-                 callback=lambda rec: stamp("refine", rec["rel_error"]))
-    final = rel(float((res.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
+    final_resid, steps_run, early = 0.0, 0, True
+    for gi, (fit, Wg) in enumerate(zip(fits, groups)):
+        res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=args.refine_method,
+                     mean=fit.normalization.mean if center else None, fit_mean=center, kmax=K, steps=10**7,
+                     time_limit=args.globe_refine_time / len(groups), patience=args.globe_patience,
+                     min_improvement=args.globe_min_improvement, eval_every=args.eval_every, lr=args.adam_lr,
+                     callback=lambda rec, gi=gi: stamp("refine", gi, rec["rel_error"]))
+        final_resid += float((res.reconstruct() - Wg).double().pow(2).sum())
+        steps_run, early = steps_run + res.steps_run, early and res.stopped_early
+    final = rel(final_resid, sum(energy))
     best = float("inf")
     for pt in curve:
         pt["err_raw"] = pt["err"]
         best = min(best, pt["err"])
         pt["err"] = best
-    k = max(1, int((res.alpha > 0).sum(1).max()))
-    frac = bank_mode_parameters(L, n, p, d, r, m, k, scope, True) / (L * n * p * d)
-    print(f"  globe: AM {am_err:.4f} in {am_cpu:.1f} s cpu / {am_wall:.1f} s wall, after refinement {final:.4f} "
-          f"({res.steps_run} Adam steps, {'early stop' if res.stopped_early else 'time limit'}), total "
+    frac = bank_mode_parameters(L, n, p, d, r, m, K, scope, center) / (L * n * p * d)
+    print(f"  globe ({scope}, m={m}, r={r}, {'centred' if center else 'no mean'}): AM {am_err:.4f} in "
+          f"{am_cpu:.1f} s cpu / {am_wall:.1f} s wall, after refinement ({args.refine_method}) {final:.4f} "
+          f"({steps_run} steps, {'early stop' if early else 'time limit'}), total "
           f"{curve[-1]['cpu']:.1f} s cpu / {curve[-1]['wall']:.1f} s wall", flush=True)
     return {"curve": curve, "final": final, "am_final": am_err, "am_cpu": am_cpu, "am_wall": am_wall, "r": r,
-            "m": m, "frac": frac}
+            "m": m, "frac": frac, **{k: setting[k] for k in ("scope", "center", "search_cpu", "reason")}}
 
 
 def time_to_error(args) -> dict:
@@ -187,12 +224,13 @@ def time_to_error(args) -> dict:
         W = make_suite(name)
         print(f"\n{name}: budget {args.budget}, scope {args.scope} (load {load()})", flush=True)
         mobe = mobe_curves(W, args.budget, args.scope, args)
-        globe = globe_curve(W, args.budget, args.scope, args)
+        globe = globe_curve(W, args.budget, globe_setting(W, args.budget, args), args)
         results[name] = {"mobe": mobe, "globe": globe}
 
     print(f"\n### Time to error ({clk} seconds; budget {args.budget}, scope {args.scope}, 6 layers x 8 experts)\n")
-    print("| cell | MoBE r / m, params | MoBE lr | MoBE final error | MoBE time to final (1 %) | GloBE r / m, params "
-          "| GloBE final error | GloBE time to MoBE's final error | ratio (GloBE / MoBE) | claim (<= 0.1) |")
+    print("| cell | MoBE r / m, params | MoBE lr | MoBE final error | MoBE time to final (1 %) | GloBE scope, mean, "
+          "r / m, params | GloBE final error | GloBE time to MoBE's final error | ratio (GloBE / MoBE) | "
+          "claim (<= 0.1) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, res in results.items():
         lr, mb = min(res["mobe"].items(), key=lambda kv: kv[1]["final"])
@@ -203,7 +241,8 @@ def time_to_error(args) -> dict:
         ratio = None if t_globe is None or not t_mobe else t_globe / t_mobe
         cap = "" if mb["stopped"] == "plateau" else f" ({mb['stopped']})"
         print(f"| {name} | {mb['r']} / {mb['m']}, {mb['frac']:.3f} | {lr:g}{cap} | {e_mobe:.4f} | {fmt_t(t_mobe)} | "
-              f"{gl['r']} / {gl['m']}, {gl['frac']:.3f} | {gl['final']:.4f} | {fmt_t(t_globe)} | "
+              f"{gl['scope']}, {'mean' if gl['center'] else 'no mean'}, {gl['r']} / {gl['m']}, {gl['frac']:.3f} | "
+              f"{gl['final']:.4f} | {fmt_t(t_globe)} | "
               f"{'-' if ratio is None else f'{ratio:.3f}'} | "
               f"{'yes' if ratio is not None and ratio <= 0.1 else 'no'} |")
 
@@ -221,7 +260,7 @@ def time_to_error(args) -> dict:
         lr, mb = min(res["mobe"].items(), key=lambda kv: kv[1]["final"])
         gl = res["globe"]
         for label, curve, final in ((f"mobe lr {lr:g}", mb["curve"], mb["final"]),
-                                    ("globe am+adam", gl["curve"], gl["final"])):
+                                    (f"globe am+{args.refine_method}", gl["curve"], gl["final"])):
             end = curve[-1][clk]
             cells = []
             for t in CHECKPOINTS:
@@ -230,6 +269,8 @@ def time_to_error(args) -> dict:
             print(f"| {name} | {label} | " + " | ".join(cells) + f" | {final:.4f} ({end:.1f} s) |")
     for name, res in results.items():
         gl = res["globe"]
+        print(f"\n{name}: GloBE's configuration: {gl['reason']} (search {gl['search_cpu']:.1f} s cpu, not in the "
+              "curve)")
         am_end = max(pt[clk] for pt in gl["curve"] if pt["stage"] == "am")
         recs = ", ".join(f"{pt[clk]:.1f}: {pt['err']:.4f}" for pt in gl["curve"] if pt["stage"] == "am")
         print(f"\n{name}: GloBE's linear AM ends at {am_end:.1f} s with {gl['am_final']:.4f}; its records "
@@ -246,7 +287,7 @@ def long_refine(args) -> dict:
     groups, m, r, _ = cell_shape(W, args.budget, "global")
     print(f"\nplanted_silu: budget {args.budget}, global, r={r}, m={m} (load {load()})", flush=True)
     c0, w0 = time.process_time(), time.perf_counter()
-    fit = fit_bank(Wg, am_config(r, m, args))
+    fit = fit_bank(Wg, am_config(r, m, True, args))
     am_cpu, am_wall = time.process_time() - c0, time.perf_counter() - w0
     am_err = rel(float((fit.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
     frac = bank_mode_parameters(L, n, p, d, r, m, K, "global", True) / (L * n * p * d)
@@ -293,7 +334,10 @@ def main() -> None:
     ap.add_argument("--mobe-max-time", type=float, default=240.0, help="seconds per continued MoBE run at most")
     ap.add_argument("--mobe-window", type=int, default=500, help="plateau window (steps)")
     ap.add_argument("--mobe-tol", type=float, default=1e-3, help="relative improvement over the window")
-    ap.add_argument("--am-steps", type=int, default=15)
+    ap.add_argument("--globe-config", choices=["budget", "fixed"], default="budget",
+                    help="GloBE's scope, m, r and mean term: chosen by the budget search, or bench_refine's")
+    ap.add_argument("--am-steps", type=int, default=2, help="weight-aware AM steps before the refinement")
+    ap.add_argument("--refine-method", choices=["varpro", "adam", "gn"], default="varpro")
     ap.add_argument("--am-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra GlobeConfig field of the linear AM (repeatable), e.g. support_search=1")
     ap.add_argument("--globe-refine-time", type=float, default=240.0, help="seconds of refinement at most")
@@ -301,7 +345,7 @@ def main() -> None:
     ap.add_argument("--globe-min-improvement", type=float, default=2e-5,
                     help="relative improvement per record that counts (50 x 2e-5: 0.1 %% over 500 Adam steps)")
     ap.add_argument("--eval-every", type=int, default=10, help="Adam steps between refinement records")
-    ap.add_argument("--adam-lr", type=float, default=1e-2, help="the refinement's (relative) learning rate")
+    ap.add_argument("--adam-lr", type=float, default=0.1, help="the refinement's (relative) learning rate")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     ap.add_argument("--no-time-to-error", action="store_true", help="skip part 1")
     ap.add_argument("--long-refine", action="store_true", help="run part 2 (planted_silu against SVD)")
@@ -318,7 +362,8 @@ def main() -> None:
     print(f"## bench_time_to_error ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}, load average at start {load()})")
     print(f"linear AM: fit_bank(weight_aware=True, steps={args.am_steps}, target_support={K}, patience=3"
-          + "".join(f", {k}={v!r}" for k, v in args.am_options.items()) + ")")
+          + "".join(f", {k}={v!r}" for k, v in args.am_options.items()) + f"); refinement {args.refine_method}, "
+          f"lr {args.adam_lr:g}; GloBE configuration: {args.globe_config}")
     out = {}
     if not args.no_time_to_error:
         out["time_to_error"] = time_to_error(args)
