@@ -17,7 +17,10 @@ per layer, or one over all layers), the relative Frobenius error against the ori
   init, the largest r within the same budget (dense codes counted as n m numbers), for the wall time of GloBE's
   best row in that cell (AM + its refinement).
 
-Then a convergence comparison of the two refinement methods (wall time to reach given errors) on one cell.
+Then a convergence comparison of GN and Adam (wall time to reach given errors) on one cell. ``--compare`` runs
+instead every refinement method of ``--compare-methods`` (``method[:lr]``) from one short AM per suite (budget
+0.25, global, phi = identity) and prints the lowest error each has reached after ``--compare-times`` CPU
+seconds.
 Timings are wall-clock seconds on this machine with ``--threads`` torch threads. The time-to-error comparison
 with the ``mobe`` baseline run to convergence (learning-rate sweep) is bench/bench_time_to_error.py.
 """
@@ -192,6 +195,40 @@ def convergence(args) -> None:
         print(f"| {method} | {curve[0][1]:.5f} | " + " | ".join(cells) + f" | {finals[method]:.5f} |")
 
 
+def compare_methods(args) -> None:
+    """Every refinement method from one short AM per suite (budget 0.25, global, phi = identity): the lowest
+    error each has reached after t CPU seconds, no early stop."""
+    torch.set_num_threads(args.threads)
+    times = args.compare_times
+    print(f"\n### Refinement methods at equal time (budget 0.25, global, phi = identity, after a "
+          f"{args.compare_am_steps}-step weight-aware AM; lowest error after t CPU seconds of refinement)\n")
+    print("| suite | r / m | AM error (cpu s) | method | " + " | ".join(f"{t:g} s" for t in times) + " | steps |")
+    print("|---|---|---|---|" + "---|" * len(times) + "---|")
+    for name in args.suites.split(","):
+        W = make_suite(name)
+        L, n, p, d = W.shape
+        Wg = W.reshape(L * n, p, d)
+        m = Wg.shape[0] // 4
+        r = max_rank(0.25, L, n, p, d, m, K, "global", True)
+        c0 = time.process_time()
+        fit = fit_bank(Wg, GlobeConfig(r=r, m=m, steps=args.compare_am_steps, weight_aware=True,
+                                       val_fraction=0.0, target_support=K, patience=3))
+        am_cpu = time.process_time() - c0
+        am_err = rel(float((fit.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
+        for spec in args.compare_methods:
+            method, _, lr = spec.partition(":")
+            pts: list[tuple[float, float]] = []
+            c1 = time.process_time()
+            res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=method, mean=fit.normalization.mean,
+                         fit_mean=True, kmax=K, steps=10**7, time_limit=max(times), patience=10**9,
+                         eval_every=1 if method == "gn" else 10, lr=float(lr or args.adam_lr),
+                         callback=lambda rec, pts=pts, c1=c1: pts.append((time.process_time() - c1,
+                                                                          rec["rel_error"])))
+            cells = [min((e for t, e in pts if t <= T), default=float("nan")) for T in times]
+            print(f"| {name} | {r} / {m} | {am_err:.4f} ({am_cpu:.1f}) | {spec} | "
+                  + " | ".join(f"{c:.4f}" for c in cells) + f" | {res.steps_run} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suites", default="planted,planted_silu,lowrank_noise,clustered")
@@ -204,7 +241,18 @@ def main() -> None:
     ap.add_argument("--conv-time", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-convergence", action="store_true")
+    ap.add_argument("--compare", action="store_true",
+                    help="only the comparison of refinement methods at equal CPU time (--compare-methods)")
+    ap.add_argument("--compare-methods", nargs="+", default=["gn", "adam:0.01", "adam:0.1", "varpro:0.1"],
+                    metavar="METHOD[:LR]")
+    ap.add_argument("--compare-times", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0])
+    ap.add_argument("--compare-am-steps", type=int, default=2)
     args = ap.parse_args()
+    if args.compare:
+        print(f"## bench_refine --compare ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+              f"{args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')})")
+        compare_methods(args)
+        return
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     print(f"## bench_refine ({platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -504,6 +504,7 @@ def test_phi_without_refinement_is_refused_and_refinement_settings_are_checked()
         (dict(refine_steps=-1), "refine_steps"),
         (dict(refine_method="lbfgs"), "refine_method"),
         (dict(refine_time_limit=0.0), "refine_time_limit"),
+        (dict(refine_lr=0.0), "refine_lr"),
         (dict(coherence=-0.1), "coherence"),
         (dict(coherence_iters=-1), "coherence_iters"),
         (dict(coherence=1.0, weight_aware=True), "coherence"),
@@ -517,12 +518,13 @@ def test_phi_without_refinement_is_refused_and_refinement_settings_are_checked()
     default = GlobeConfig()
     assert cfg.fingerprint() != default.fingerprint()
     assert default.replace(coherence=0.5).fingerprint() != default.fingerprint()
+    assert default.replace(refine_lr=0.02).fingerprint() != default.fingerprint()
     import hashlib
     import json
 
     old = {k: v for k, v in default.to_dict().items()
-           if k not in ("device", "budget", "refine_steps", "refine_method", "refine_time_limit", "coherence",
-                        "coherence_iters", "support_search", "support_candidates", "spectral_bank",
+           if k not in ("device", "budget", "refine_steps", "refine_method", "refine_lr", "refine_time_limit",
+                        "coherence", "coherence_iters", "support_search", "support_candidates", "spectral_bank",
                         "spectral_max_dim", "fit_mean", "restarts", "final_steps")}
     assert default.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
 

@@ -231,8 +231,11 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
     "refine_method": (
         ("--refine-method",),
         None,
-        "refinement optimiser: adam (Adam on adapters, bank and codes) or gn (block Gauss-Newton)",
+        "refinement optimiser: varpro (adapters solved exactly each step, Adam on bank and codes), adam (Adam on "
+        "adapters, bank and codes) or gn (block Gauss-Newton)",
     ),
+    "refine_lr": (("--refine-lr",), "LR", "Adam's learning rate of the varpro and adam refinements, relative to "
+                  "each tensor's RMS"),
     "refine_time_limit": (("--refine-time-limit",), "SEC", "seconds of refinement per bank at most"),
     "coherence": (
         ("--coherence",),

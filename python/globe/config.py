@@ -81,8 +81,11 @@ class GlobeConfig:
     (:func:`globe.budget.choose_by_budget`) and records the candidates; the r, m, scope and center given here
     are replaced by the winner's. refine_steps: iterations of the refinement through phi after the AM
     (:func:`globe.refine.apply_refinement`, early-stopped on the held-out experts); None or 0: no refinement,
-    which phi other than "identity" does not allow (fit_bank raises ConfigError). refine_method: "adam" (Adam on
-    A, bank and codes jointly) or "gn" (block Gauss-Newton / Levenberg-Marquardt). refine_time_limit: seconds
+    which phi other than "identity" does not allow (fit_bank raises ConfigError). refine_method: "varpro" (the
+    adapters solved exactly every step, Adam on bank and codes; the lowest error at equal CPU time on every
+    suite of ``python bench/bench_refine.py --compare``), "adam" (Adam on A, bank and codes jointly) or "gn"
+    (block Gauss-Newton / Levenberg-Marquardt). refine_lr: Adam's learning rate for "varpro" and "adam",
+    relative to each tensor's RMS (0.1 beat 0.01 at every time on every suite there). refine_time_limit: seconds
     of refinement at most (None: no limit). coherence: relative weight mu of the atom-coherence penalty
     mu sum_{j != k} <B_j, B_k>^2 in the proxy-mode dictionary step (:func:`globe.coherence.
     mod_solve_with_coherence`; 0 = the plain MOD solve; not available with weight_aware); coherence_iters:
@@ -156,7 +159,8 @@ class GlobeConfig:
     dtype: str = "float32"
     budget: float | None = None
     refine_steps: int | None = None
-    refine_method: str = "adam"
+    refine_method: str = "varpro"
+    refine_lr: float = 0.1
     refine_time_limit: float | None = None
     coherence: float = 0.0
     coherence_iters: int = 20
@@ -259,6 +263,7 @@ class GlobeConfig:
         check_int("refine_steps", 0, allow_none=True)
         if self.refine_method not in REFINE_METHODS:
             raise bad("refine_method", f"must be one of {REFINE_METHODS}")
+        check_float("refine_lr", 0.0, strict=True)
         if self.refine_time_limit is not None:
             check_float("refine_time_limit", 0.0, strict=True)
         check_float("coherence", 0.0)
@@ -355,8 +360,8 @@ class GlobeConfig:
 
 
 # fields added after the first release: left out of the fingerprint while at their defaults
-_LATER_FIELDS = ("budget", "refine_steps", "refine_method", "refine_time_limit", "coherence", "coherence_iters",
-                 "fit_mean", "restarts", "final_steps")
+_LATER_FIELDS = ("budget", "refine_steps", "refine_method", "refine_lr", "refine_time_limit", "coherence",
+                 "coherence_iters", "fit_mean", "restarts", "final_steps")
 # fields that act only in the weight-aware mode: left out of the fingerprint without it
 _WEIGHT_AWARE_FIELDS = ("support_search", "support_candidates", "spectral_bank", "spectral_max_dim", "fit_mean")
 _LATER_DEFAULTS: dict[str, Any] = {

@@ -660,10 +660,12 @@ def refine(
             if time_limit is None or time.perf_counter() - t_start < time_limit:
                 continue
         with torch.no_grad():
-            if method == "varpro":  # the step solved A for the bank before its move
-                st.A = _adapter_solve(target(W), apply_phi(_mix(st.bank, st.alpha), phi), lambda_A)
-            if method != "gn" and fit_mean and st.mean is not None:  # the step refits M before moving
-                st.mean = (W - st.A @ apply_phi(_mix(st.bank, st.alpha), phi)).mean(0)
+            if method != "gn":  # the step refitted M (and for varpro solved A) before moving the bank
+                Bt = apply_phi(_mix(st.bank, st.alpha), phi)
+                if fit_mean and st.mean is not None:
+                    st.mean = (W - st.A @ Bt).mean(0)
+                if method == "varpro":  # the adapters returned are the exact solve for what is returned
+                    st.A = _adapter_solve(target(W), Bt, lambda_A)
             snap = _State(st.A.detach(), st.bank.detach(), st.alpha.detach(), st.mean)
             Fi = train_F(snap)
             rec = {"step": step, "time_s": time.perf_counter() - t_start,
@@ -772,9 +774,10 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     """The trainer's hook: refine a FitResult in place after the AM loop when the config asks for it.
 
     Reads ``config.phi`` and, when present, ``config.refine_steps`` (default: 0 for identity; otherwise 2000
-    for "adam" and "varpro", 30 for "gn"), ``config.refine_method`` (default "adam": it reached lower errors
-    than "gn" at equal wall time in bench/bench_refine.py), ``config.refine_time_limit`` (None), ``config.center``. Runs
-    :func:`refine_fit` on W [N, p, d] (original scale) with the mean refitted when centred, then updates
+    for "adam" and "varpro", 30 for "gn"), ``config.refine_method`` (default "varpro": the lowest error at equal
+    CPU time in ``bench/bench_refine.py --compare``), ``config.refine_lr`` (default 0.1),
+    ``config.refine_time_limit`` (None), ``config.center``. Runs :func:`refine_fit` on W [N, p, d] (original
+    scale) with the mean refitted when centred, then updates
     fit.bank / alpha / A / normalization.mean, sets ``fit.phi``, appends the refinement records to
     fit.history (``{"stage": "refine", ...}``) and adds ``refine.*`` entries to fit.metrics. With held-out
     experts and ``config.final_steps`` > 0, a final short refinement over all experts follows (``final_steps``
@@ -783,7 +786,8 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     Nothing happens (but ``fit.phi`` is set) when φ is the identity and refine_steps is 0.
     """
     phi = check_phi(getattr(config, "phi", "identity"))
-    method = getattr(config, "refine_method", None) or "adam"
+    method = getattr(config, "refine_method", None) or "varpro"
+    lr = float(getattr(config, "refine_lr", 0.1))
     steps = getattr(config, "refine_steps", None)
     steps = (0 if phi == "identity" else (30 if method == "gn" else 2000)) if steps is None else int(steps)
     fit.phi = phi
@@ -800,7 +804,7 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
 
         return on_record
 
-    res = refine_fit(fit, W, phi, steps=steps, method=method,
+    res = refine_fit(fit, W, phi, steps=steps, method=method, lr=lr,
                      fit_mean=center, time_limit=getattr(config, "refine_time_limit", None),
                      callback=recorder("refine"))
     fit.bank, fit.alpha, fit.A = res.bank, res.alpha, res.A
@@ -817,7 +821,7 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
         Wd = W.to(device=fit.A.device, dtype=fit.A.dtype)
         mean = fit.normalization.mean.to(Wd) if center and fit.normalization.center else None
         fin = refine(Wd, fit.bank, fit.alpha, fit.A, phi, steps=n_final, method=method, mean=mean,
-                     fit_mean=mean is not None, rescale=False, patience=n_final + 1,
+                     fit_mean=mean is not None, rescale=False, patience=n_final + 1, lr=lr,
                      eval_every=1 if method == "gn" else max(1, n_final // 5), callback=recorder("refine_final"))
         fit.bank, fit.alpha, fit.A = fin.bank, fin.alpha, fin.A
         if mean is not None and fin.mean is not None:
