@@ -34,10 +34,10 @@ Methods (``method``):
 * ``"varpro"``: variable projection, the adapters eliminated. Each step A_i is the exact ridge least-squares
   solve given φ(Σ_j α_ij B_j) (``ops.cholesky_solve_batched``), then one Adam step on (B, α) with the gradient
   at that A, which is the gradient of the reduced objective min_A F (the partial gradient in A vanishes
-  there); α projected as for "adam". A step costs about what a joint Adam step does (a Gram product and a
-  batched small Cholesky instead of the adapters' gradient) and gets much further per step: on
-  bench/synthetic_suites.py's ``clustered`` family it reaches in 10 CPU seconds the error joint Adam reaches
-  in about 40 (bench/bench_time_to_error.py).
+  there); α projected as for "adam". A step costs a little more than a joint Adam step (a Gram product and a
+  batched small Cholesky instead of the adapters' gradient) and gets further per step: the lowest error after
+  20 CPU seconds on every suite of ``python bench/bench_refine.py --compare`` (0.2-2 % below joint Adam), hence
+  the trainer's default.
 
 For φ ≠ identity the scale of the atoms matters (unit-norm atoms make φ nearly linear). Before the first
 iteration the bank is rescaled by the gain (the unscaled bank with its adapters as given, or a few gains that
