@@ -20,7 +20,8 @@ per layer, or one over all layers), the relative Frobenius error against the ori
 Then a convergence comparison of GN and Adam (wall time to reach given errors) on one cell. ``--compare`` runs
 instead every refinement method of ``--compare-methods`` (``method[:lr]``) from one short AM per suite (budget
 0.25, global, phi = identity) and prints the lowest error each has reached after ``--compare-times`` CPU
-seconds.
+seconds. ``--step-time`` prints the CPU time per refinement step (joint Adam with autograd's gradient and with
+the written-out one, and varpro's step) at r = 47 and 95.
 Timings are wall-clock seconds on this machine with ``--threads`` torch threads. The time-to-error comparison
 with the ``mobe`` baseline run to convergence (learning-rate sweep) is bench/bench_time_to_error.py.
 """
@@ -229,6 +230,62 @@ def compare_methods(args) -> None:
                   + " | ".join(f"{c:.4f}" for c in cells) + f" | {res.steps_run} |", flush=True)
 
 
+def _step_ms(kind: str, Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor,
+             args) -> float:
+    """Median CPU ms per step of one refinement kind ("autograd", "written-out", "varpro") from this state."""
+    from globe.refine import _adapter_solve, _mix, objective, objective_grads
+
+    E = float(Wg.double().pow(2).sum())
+    st = [A.clone(), bank.clone(), alpha.clone()]
+    opt = torch.optim.Adam([{"params": [t]} for t in st], lr=1e-4)
+    times = []
+    for _ in range(args.step_reps):
+        c = time.process_time()
+        for _ in range(args.step_count):
+            if kind == "autograd":
+                for t in st:
+                    t.requires_grad_(True)
+                opt.zero_grad(set_to_none=True)
+                (objective(Wg, *st, "identity") / E).backward()
+            else:
+                with torch.no_grad():
+                    U = _mix(st[1], st[2])
+                    if kind == "varpro":
+                        st[0].copy_(_adapter_solve(Wg, U, 1e-6))
+                    gA, gB, ga, _ = objective_grads(Wg, *st, "identity", scale=1 / E, grad_A=kind != "varpro",
+                                                    U=U)
+                st[0].grad, st[1].grad, st[2].grad = gA, gB, ga
+            opt.step()
+        times.append((time.process_time() - c) / args.step_count * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def step_times(args) -> None:
+    """CPU milliseconds per refinement step (median of --step-reps timings of --step-count steps each) at the
+    suites' shape (48 experts, p=96, d=384, m=12, support 4, no mean): joint Adam with the gradient by autograd
+    through :func:`globe.refine.objective` (the refinement before the written-out gradients), joint Adam with
+    :func:`globe.refine.objective_grads`, and varpro's step (exact adapters, then Adam on bank and codes)."""
+    from globe.refine import sparse_simplex_projection
+
+    torch.set_num_threads(args.threads)
+    W = make_suite("clustered")
+    Wg = W.reshape(-1, *W.shape[2:])
+    N, p, d = Wg.shape
+    m = 12
+    print(f"\n### CPU ms per refinement step (N={N}, p={p}, d={d}, m={m}, {args.threads} thread(s), median of "
+          f"{args.step_reps} x {args.step_count} steps)\n")
+    print("| r | Adam, autograd | Adam, written-out gradients | varpro | autograd / written-out |")
+    print("|---|---|---|---|---|")
+    for r in args.step_ranks:
+        g = torch.Generator().manual_seed(0)
+        bank = torch.randn(m, r, d, generator=g) / r**0.5
+        alpha = sparse_simplex_projection(torch.rand(N, m, generator=g), K)
+        A = torch.randn(N, p, r, generator=g) * 0.01
+        auto, manual, vp = (_step_ms(kind, Wg, A, bank, alpha, args)
+                            for kind in ("autograd", "written-out", "varpro"))
+        print(f"| {r} | {auto:.1f} | {manual:.1f} | {vp:.1f} | {auto / manual:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suites", default="planted,planted_silu,lowrank_noise,clustered")
@@ -247,7 +304,16 @@ def main() -> None:
                     metavar="METHOD[:LR]")
     ap.add_argument("--compare-times", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0])
     ap.add_argument("--compare-am-steps", type=int, default=2)
+    ap.add_argument("--step-time", action="store_true", help="only the CPU time per refinement step")
+    ap.add_argument("--step-ranks", type=int, nargs="+", default=[47, 95])
+    ap.add_argument("--step-count", type=int, default=20)
+    ap.add_argument("--step-reps", type=int, default=5)
     args = ap.parse_args()
+    if args.step_time:
+        print(f"## bench_refine --step-time ({platform.processor() or platform.machine()}, torch "
+              f"{torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')})")
+        step_times(args)
+        return
     if args.compare:
         print(f"## bench_refine --compare ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
               f"{args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')})")

@@ -181,11 +181,12 @@ def objective_grads(Z: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha:
 
     With R_i = Z_i - M - A_i φ(U_i): dA_i = -2 R_i φ(U_i)ᵀ, dU_i = -2 (A_iᵀ R_i) ⊙ φ'(U_i), dB_j = Σ_i α_ij dU_i,
     dα_ij = <dU_i, B_j> (times scale). The same values as autograd through :func:`objective`, in one fused
-    residual (baddbmm) and two batched products, without a graph, the squared residual or its backward (the
-    Adam refinement's step on CPU takes about half the time). mean: M [p, d] (zero when None); with
-    ``fit_mean`` M is first replaced by its exact minimiser given the rest, M + mean_i R_i, and the gradients are
-    those at the new M (the gradient of the objective with M eliminated). Returns (dA, dbank, dalpha, M); dA is
-    None with ``grad_A=False``. U: the mixture Σ_j α_ij B_j when the caller has it already.
+    residual (baddbmm) and two batched products, without a graph, the squared residual or its backward (a joint
+    Adam step on CPU takes 1.2-1.4x less time: ``python bench/bench_refine.py --step-time``). mean: M [p, d]
+    (zero when None); with ``fit_mean`` M is first replaced by its exact minimiser given the rest, M + mean_i
+    R_i, and the gradients are those at the new M (the gradient of the objective with M eliminated). Returns (dA,
+    dbank, dalpha, M); dA is None with ``grad_A=False``. U: the mixture Σ_j α_ij B_j when the caller has it
+    already.
     """
     U = _mix(bank, alpha) if U is None else U
     Bt = U if phi == "identity" else apply_phi(U, phi)
