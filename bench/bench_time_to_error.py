@@ -222,12 +222,13 @@ def time_to_error(args) -> dict:
     results = {}
     for name in args.suites.split(","):
         W = make_suite(name)
-        print(f"\n{name}: budget {args.budget}, scope {args.scope} (load {load()})", flush=True)
+        print(f"\n{name}: budget {args.budget}, baseline scope {args.scope} (load {load()})", flush=True)
         mobe = mobe_curves(W, args.budget, args.scope, args)
         globe = globe_curve(W, args.budget, globe_setting(W, args.budget, args), args)
         results[name] = {"mobe": mobe, "globe": globe}
 
-    print(f"\n### Time to error ({clk} seconds; budget {args.budget}, scope {args.scope}, 6 layers x 8 experts)\n")
+    print(f"\n### Time to error ({clk} seconds; budget {args.budget}, baseline scope {args.scope}, 6 layers x 8 "
+          "experts)\n")
     print("| cell | MoBE r / m, params | MoBE lr | MoBE final error | MoBE time to final (1 %) | GloBE scope, mean, "
           "r / m, params | GloBE final error | GloBE time to MoBE's final error | ratio (GloBE / MoBE) | "
           "claim (<= 0.1) |")
@@ -327,7 +328,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suites", default="planted,clustered,lowrank_noise")
     ap.add_argument("--budget", type=float, default=0.25)
-    ap.add_argument("--scope", default="global", choices=["global"])
+    ap.add_argument("--scope", default="global", choices=["global"], help="the baseline's scope")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     ap.add_argument("--sweep-time", type=float, default=30.0, help="seconds of every MoBE learning rate")
     ap.add_argument("--extend", type=int, default=2, help="best learning rates of the sweep continued")
