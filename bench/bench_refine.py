@@ -42,7 +42,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from globe.am import fit_bank  # noqa: E402
 from globe.budget import bank_mode_parameters, max_rank  # noqa: E402
 from globe.config import GlobeConfig  # noqa: E402
-from globe.refine import refine  # noqa: E402
+from globe.refine import (  # noqa: E402
+    _adapter_solve,
+    _mix,
+    objective,
+    objective_grads,
+    refine,
+    sparse_simplex_projection,
+)
 from synthetic_suites import make_suite  # noqa: E402
 
 from globe_kernels import ops  # noqa: E402
@@ -233,8 +240,6 @@ def compare_methods(args) -> None:
 def _step_ms(kind: str, Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor,
              args) -> float:
     """Median CPU ms per step of one refinement kind ("autograd", "written-out", "varpro") from this state."""
-    from globe.refine import _adapter_solve, _mix, objective, objective_grads
-
     E = float(Wg.double().pow(2).sum())
     st = [A.clone(), bank.clone(), alpha.clone()]
     opt = torch.optim.Adam([{"params": [t]} for t in st], lr=1e-4)
@@ -265,8 +270,6 @@ def step_times(args) -> None:
     suites' shape (48 experts, p=96, d=384, m=12, support 4, no mean): joint Adam with the gradient by autograd
     through :func:`globe.refine.objective` (the refinement before the written-out gradients), joint Adam with
     :func:`globe.refine.objective_grads`, and varpro's step (exact adapters, then Adam on bank and codes)."""
-    from globe.refine import sparse_simplex_projection
-
     torch.set_num_threads(args.threads)
     W = make_suite("clustered")
     Wg = W.reshape(-1, *W.shape[2:])

@@ -16,20 +16,19 @@ experts, p=96, d=384) at one budget (default 0.25), with the parameter counts of
   ``--mobe-window`` steps, or ``--mobe-max-time`` seconds in all. The learning rate with the lowest final
   error is kept: E_mobe is that error, T_mobe the time its run took to get within 1 % of it
   (error <= 1.01 E_mobe).
-* ``globe``: GloBE's configuration for the budget, chosen by :func:`globe.budget.choose_by_budget` (scope,
-  m, r and the mean term, scored by short fits on a sample of experts; ``--globe-config fixed`` takes
-  bench_refine's instead: global, m = n/4, centred). The search's CPU time is printed, not added to the
-  curve, as the baseline's learning-rate sweep is not added to its. Then the linear AM
-  (:func:`globe.am.fit_bank`, weight-aware, target support 4, ``--am-steps`` steps, 2 by default: later AM
-  steps gain little and start the refinement from a worse point) followed by :func:`globe.refine.refine`
-  (``--refine-method``, default "varpro": Adam on bank and codes with the adapters solved exactly every
-  step; phi = identity, the mean refitted when there is one) until it stops improving by the refinement's own
-  early stop (``--globe-patience`` records, ``--eval-every`` steps apart, each below a relative gain of
-  ``--globe-min-improvement``: by default about the baseline's 0.1 % over 500 steps) or
-  ``--globe-refine-time`` seconds. Its curve is the error against the original weights (mean included: the AM
-  records' ``rel_error_all``, the refinement records' ``rel_error``) at the moment each record reaches this
-  script, from before ``fit_bank`` is called: normalisation, warm start, initial bank, AM steps, metric
-  records and the refinement are all counted. With scope "layer" the layers are fitted one after the other
+* ``globe``: GloBE's configuration for the budget, chosen by :func:`globe.budget.choose_by_budget` (scope, m, r
+  and the mean term, scored by short fits on a sample of experts; ``--globe-config fixed`` takes bench_refine's
+  instead: global, m = n/4, centred). The search's CPU time is printed, not added to the curve, as the baseline's
+  learning-rate sweep is not added to its. Then the linear AM (:func:`globe.am.fit_bank`, weight-aware, target
+  support 4, ``--am-steps`` steps, 2 by default: 13 more cost about 2 s and the refinement ends no lower, see
+  bench_refine.py --compare) followed by :func:`globe.refine.refine` (``--refine-method``, default "varpro": Adam
+  on bank and codes with the adapters solved exactly every step; phi = identity, the mean refitted when there is
+  one) until it stops improving by the refinement's own early stop (``--globe-patience`` records, ``--eval-every``
+  steps apart, each below a relative gain of ``--globe-min-improvement``: by default about the baseline's 0.1 %
+  over 500 steps) or ``--globe-refine-time`` seconds. Its curve is the error against the original weights (mean
+  included: the AM records' ``rel_error_all``, the refinement records' ``rel_error``) at the moment each record
+  reaches this script, from before ``fit_bank`` is called: normalisation, warm start, initial bank, AM steps,
+  metric records and the refinement are all counted. With scope "layer" the layers are fitted one after the other
   and the curve starts once every layer has its AM.
 
 Times are CPU seconds of this process by default (``--clock cpu``; with one torch thread the same as wall time

@@ -71,9 +71,13 @@ def restarts(args) -> None:
     print(f"\nwithin 1.3x of the floor: {hits[0]} of 10 with one fit, {hits[1]} of 10 with the best of {args.restarts}")
 
 
+def quality_data() -> torch.Tensor:
+    """bench_quality's experts: planted, 2 layers x 32 experts, p=64, d=128, as [64, 64, 128]."""
+    return planted_experts(2, 32, 64, 128, seed=0, families=("gate",)).weights["gate"].reshape(-1, 64, 128)
+
+
 def final_pass(args) -> None:
-    n, p, d = 32, 64, 128
-    W = planted_experts(2, n, p, d, seed=0, families=("gate",)).weights["gate"].reshape(-1, p, d)
+    W = quality_data()
     print("\n### Final pass: bench_quality's data, r=32, m=16, 10 % held out\n")
     print("| mode | final_steps | held-out experts | the others | all | seconds |")
     print("|---|---|---|---|---|---|")
@@ -101,8 +105,7 @@ def fitted_mean(args) -> None:
                              target_support=4, fit_mean=on)
         print(f"| {on} | {rel(fit.reconstruct(), Wg):.4f} | {sec:.1f} |")
     # with held-out experts (bench_quality's data, as in section final, without the final pass)
-    n, p, d = 32, 64, 128
-    W = planted_experts(2, n, p, d, seed=0, families=("gate",)).weights["gate"].reshape(-1, p, d)
+    W = quality_data()
     print("\nWith 10 % held out (bench_quality's data, r=32, m=16, final_steps=0):\n")
     print("| fit_mean | held-out error, best step | training error, last step | step kept |")
     print("|---|---|---|---|")
