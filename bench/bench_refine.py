@@ -18,10 +18,11 @@ per layer, or one over all layers), the relative Frobenius error against the ori
   best row in that cell (AM + its refinement).
 
 Then a convergence comparison of GN and Adam (wall time to reach given errors) on one cell. ``--compare`` runs
-instead every refinement method of ``--compare-methods`` (``method[:lr]``) from one short AM per suite (budget
-0.25, global, phi = identity) and prints the lowest error each has reached after ``--compare-times`` CPU
-seconds. ``--step-time`` prints the CPU time per refinement step (joint Adam with autograd's gradient and with
-the written-out one, and varpro's step) at r = 47 and 95.
+instead every refinement method of ``--compare-methods`` (``method[:lr]``, lr defaulting to the method's
+``globe.refine.DEFAULT_LR``) from one short AM per suite (``--compare-budget``, default 0.25, global, centred
+unless ``--compare-no-mean``, phi = identity) and prints the lowest error each has reached after
+``--compare-times`` CPU seconds. ``--step-time`` prints the CPU time per refinement step (joint Adam with
+autograd's gradient and with the written-out one, and varpro's step) at r = 47 and 95.
 Timings are wall-clock seconds on this machine with ``--threads`` torch threads. The time-to-error comparison
 with the ``mobe`` baseline run to convergence (learning-rate sweep) is bench/bench_time_to_error.py.
 """
@@ -43,6 +44,7 @@ from globe.am import fit_bank  # noqa: E402
 from globe.budget import bank_mode_parameters, max_rank  # noqa: E402
 from globe.config import GlobeConfig  # noqa: E402
 from globe.refine import (  # noqa: E402
+    DEFAULT_LR,
     _adapter_solve,
     _mix,
     objective,
@@ -53,6 +55,8 @@ from globe.refine import (  # noqa: E402
 from synthetic_suites import make_suite  # noqa: E402
 
 from globe_kernels import ops  # noqa: E402
+
+SECOND_ORDER = ("gn", "varpro_gn")  # one Gauss-Newton iteration per record, not ten
 
 PHIS = ("identity", "tanh", "silu")
 K = 4  # target support
@@ -208,8 +212,10 @@ def compare_methods(args) -> None:
     error each has reached after t CPU seconds, no early stop."""
     torch.set_num_threads(args.threads)
     times = args.compare_times
-    print(f"\n### Refinement methods at equal time (budget 0.25, global, phi = identity, after a "
-          f"{args.compare_am_steps}-step weight-aware AM; lowest error after t CPU seconds of refinement)\n")
+    budget, center = args.compare_budget, not args.compare_no_mean
+    print(f"\n### Refinement methods at equal time (budget {budget:g}, global, {'centred' if center else 'no mean'}, "
+          f"phi = identity, after a {args.compare_am_steps}-step weight-aware AM; lowest error after t CPU seconds "
+          "of refinement)\n")
     print("| suite | r / m | AM error (cpu s) | method | " + " | ".join(f"{t:g} s" for t in times) + " | steps |")
     print("|---|---|---|---|" + "---|" * len(times) + "---|")
     for name in args.suites.split(","):
@@ -217,19 +223,20 @@ def compare_methods(args) -> None:
         L, n, p, d = W.shape
         Wg = W.reshape(L * n, p, d)
         m = Wg.shape[0] // 4
-        r = max_rank(0.25, L, n, p, d, m, K, "global", True)
+        r = max_rank(budget, L, n, p, d, m, K, "global", center)
         c0 = time.process_time()
         fit = fit_bank(Wg, GlobeConfig(r=r, m=m, steps=args.compare_am_steps, weight_aware=True,
-                                       val_fraction=0.0, target_support=K, patience=3))
+                                       val_fraction=0.0, target_support=K, patience=3, center=center))
         am_cpu = time.process_time() - c0
         am_err = rel(float((fit.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
         for spec in args.compare_methods:
             method, _, lr = spec.partition(":")
             pts: list[tuple[float, float]] = []
             c1 = time.process_time()
-            res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=method, mean=fit.normalization.mean,
-                         fit_mean=True, kmax=K, steps=10**7, time_limit=max(times), patience=10**9,
-                         eval_every=1 if method == "gn" else 10, lr=float(lr or args.adam_lr),
+            res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=method,
+                         mean=fit.normalization.mean if center else None, fit_mean=center, kmax=K, steps=10**7,
+                         time_limit=max(times), patience=10**9, eval_every=1 if method in SECOND_ORDER else 10,
+                         lr=float(lr) if lr else DEFAULT_LR[method],
                          callback=lambda rec, pts=pts, c1=c1: pts.append((time.process_time() - c1,
                                                                           rec["rel_error"])))
             cells = [min((e for t, e in pts if t <= T), default=float("nan")) for T in times]
@@ -303,10 +310,12 @@ def main() -> None:
     ap.add_argument("--no-convergence", action="store_true")
     ap.add_argument("--compare", action="store_true",
                     help="only the comparison of refinement methods at equal CPU time (--compare-methods)")
-    ap.add_argument("--compare-methods", nargs="+", default=["gn", "adam:0.01", "adam:0.1", "varpro:0.1"],
+    ap.add_argument("--compare-methods", nargs="+", default=["gn", "adam:0.1", "varpro:0.1", "varpro_gn:0.01"],
                     metavar="METHOD[:LR]")
     ap.add_argument("--compare-times", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0])
     ap.add_argument("--compare-am-steps", type=int, default=2)
+    ap.add_argument("--compare-budget", type=float, default=0.25)
+    ap.add_argument("--compare-no-mean", action="store_true", help="fit without the mean term")
     ap.add_argument("--step-time", action="store_true", help="only the CPU time per refinement step")
     ap.add_argument("--step-ranks", type=int, nargs="+", default=[47, 95])
     ap.add_argument("--step-count", type=int, default=20)

@@ -62,7 +62,7 @@ from bench_refine import K, mobe_fit, mobe_rank, rel, svd_error  # noqa: E402
 from globe.am import fit_bank  # noqa: E402
 from globe.budget import bank_mode_parameters, choose_by_budget, max_rank  # noqa: E402
 from globe.config import GlobeConfig  # noqa: E402
-from globe.refine import refine  # noqa: E402
+from globe.refine import DEFAULT_LR, METHODS, auto_method, refine  # noqa: E402
 from synthetic_suites import make_suite  # noqa: E402
 
 CHECKPOINTS = (1, 2, 5, 10, 20, 30, 60, 120)  # seconds at which the curves are printed
@@ -150,6 +150,30 @@ def mobe_curves(W: torch.Tensor, budget: float, scope: str, args) -> dict:
     return out
 
 
+def baseline_from_json(paths: list[str], name: str, W: torch.Tensor, budget: float, scope: str) -> dict:
+    """The MoBE curves of suite ``name`` from earlier ``--json`` outputs of this script (``--baseline-json``),
+    checked to be of this cell (the baseline's r and m at this budget), instead of running the baseline again."""
+    _, m, _, r = cell_shape(W, budget, scope)
+    for path in paths:
+        try:
+            with open(path) as f:
+                runs = json.load(f).get("time_to_error", {}).get(name, {}).get("mobe")
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--baseline-json {path}: cannot read it ({e})") from None
+        if not runs:
+            continue
+        out = {float(lr): run for lr, run in runs.items()}
+        for run in out.values():
+            if (run["r"], run["m"]) != (r, m):
+                raise SystemExit(f"--baseline-json {path}: suite {name}'s baseline has r / m = {run['r']} / "
+                                 f"{run['m']}; budget {budget} needs {r} / {m} (another budget's run?)")
+        print(f"  mobe: curves of {name} from {path} (" + ", ".join(
+            f"lr {lr:g}: {run['final']:.4f}, {run['stopped']}" for lr, run in out.items()) + ")", flush=True)
+        return out
+    raise SystemExit(f"--baseline-json: no MoBE curves of suite {name!r} in {', '.join(paths)} (expected this "
+                     "script's --json output)")
+
+
 def globe_setting(W: torch.Tensor, budget: float, args) -> dict:
     """GloBE's configuration of the cell: ``--globe-config budget`` (default) takes the choice of
     :func:`globe.budget.choose_by_budget` (scope, m, r, mean term; its search time is reported, not added to the
@@ -193,11 +217,15 @@ def globe_curve(W: torch.Tensor, budget: float, setting: dict, args) -> dict:
                  sum(energy))
     am_cpu, am_wall = time.process_time() - c0, time.perf_counter() - w0
     final_resid, steps_run, early = 0.0, 0, True
+    methods = []
     for gi, (fit, Wg) in enumerate(zip(fits, groups)):
-        res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=args.refine_method,
+        method, kappa = (auto_method(fit.A) if args.refine_method == "auto" else (args.refine_method, None))
+        methods.append(method if kappa is None else f"auto: {method}, kappa {kappa:.2g}")
+        eval_every = args.eval_every or (1 if method in ("gn", "varpro_gn") else 10)
+        res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=method,
                      mean=fit.normalization.mean if center else None, fit_mean=center, kmax=K, steps=10**7,
                      time_limit=args.globe_refine_time / len(groups), patience=args.globe_patience,
-                     min_improvement=args.globe_min_improvement, eval_every=args.eval_every, lr=args.adam_lr,
+                     min_improvement=args.globe_min_improvement, eval_every=eval_every, lr=args.adam_lr,
                      callback=lambda rec, gi=gi: stamp("refine", gi, rec["rel_error"]))
         final_resid += float((res.reconstruct() - Wg).double().pow(2).sum())
         steps_run, early = steps_run + res.steps_run, early and res.stopped_early
@@ -209,10 +237,12 @@ def globe_curve(W: torch.Tensor, budget: float, setting: dict, args) -> dict:
         pt["err"] = best
     frac = bank_mode_parameters(L, n, p, d, r, m, K, scope, center) / (L * n * p * d)
     print(f"  globe ({scope}, m={m}, r={r}, {'centred' if center else 'no mean'}): AM {am_err:.4f} in "
-          f"{am_cpu:.1f} s cpu / {am_wall:.1f} s wall, after refinement ({args.refine_method}) {final:.4f} "
+          f"{am_cpu:.1f} s cpu / {am_wall:.1f} s wall, after refinement ({'; '.join(sorted(set(methods)))}) "
+          f"{final:.4f} "
           f"({steps_run} steps, {'early stop' if early else 'time limit'}), total "
           f"{curve[-1]['cpu']:.1f} s cpu / {curve[-1]['wall']:.1f} s wall", flush=True)
     return {"curve": curve, "final": final, "am_final": am_err, "am_cpu": am_cpu, "am_wall": am_wall, "r": r,
+            "methods": methods,
             "m": m, "frac": frac, **{k: setting[k] for k in ("scope", "center", "search_cpu", "reason")}}
 
 
@@ -222,7 +252,8 @@ def time_to_error(args) -> dict:
     for name in args.suites.split(","):
         W = make_suite(name)
         print(f"\n{name}: budget {args.budget}, baseline scope {args.scope} (load {load()})", flush=True)
-        mobe = mobe_curves(W, args.budget, args.scope, args)
+        mobe = (baseline_from_json(args.baseline_json, name, W, args.budget, args.scope) if args.baseline_json
+                else mobe_curves(W, args.budget, args.scope, args))
         globe = globe_curve(W, args.budget, globe_setting(W, args.budget, args), args)
         results[name] = {"mobe": mobe, "globe": globe}
 
@@ -301,7 +332,8 @@ def long_refine(args) -> dict:
                 c1 = time.process_time()
                 res = refine(Wg, fit.bank, fit.alpha, fit.A, phi, method=method, mean=fit.normalization.mean,
                              fit_mean=True, kmax=K, steps=10**7, time_limit=max(args.long_times), patience=10**9,
-                             eval_every=1 if method == "gn" else args.eval_every, lr=lr or args.adam_lr,
+                             eval_every=1 if method in ("gn", "varpro_gn") else args.eval_every or 10,
+                             lr=lr or args.adam_lr or DEFAULT_LR.get(method),
                              callback=lambda rec, pts=pts, c1=c1: pts.append(
                                  {"cpu": time.process_time() - c1, "wall": rec["time_s"], "err": rec["rel_error"]}))
                 runs[label] = {"curve": pts, "final": res.rel_error, "steps": res.steps_run}
@@ -337,15 +369,17 @@ def main() -> None:
     ap.add_argument("--globe-config", choices=["budget", "fixed"], default="budget",
                     help="GloBE's scope, m, r and mean term: chosen by the budget search, or bench_refine's")
     ap.add_argument("--am-steps", type=int, default=2, help="weight-aware AM steps before the refinement")
-    ap.add_argument("--refine-method", choices=["varpro", "adam", "gn"], default="varpro")
+    ap.add_argument("--refine-method", choices=list(METHODS), default="auto")
     ap.add_argument("--am-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra GlobeConfig field of the linear AM (repeatable), e.g. support_search=1")
     ap.add_argument("--globe-refine-time", type=float, default=240.0, help="seconds of refinement at most")
     ap.add_argument("--globe-patience", type=int, default=50, help="refinement records without improvement")
     ap.add_argument("--globe-min-improvement", type=float, default=2e-5,
                     help="relative improvement per record that counts (50 x 2e-5: 0.1 %% over 500 Adam steps)")
-    ap.add_argument("--eval-every", type=int, default=10, help="Adam steps between refinement records")
-    ap.add_argument("--adam-lr", type=float, default=0.1, help="the refinement's (relative) learning rate")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="refinement steps between records (default 1 for gn and varpro_gn, 10 otherwise)")
+    ap.add_argument("--adam-lr", type=float, default=None,
+                    help="the refinement's (relative) learning rate (default: the method's DEFAULT_LR)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     ap.add_argument("--no-time-to-error", action="store_true", help="skip part 1")
     ap.add_argument("--long-refine", action="store_true", help="run part 2 (planted_silu against SVD)")
@@ -355,6 +389,9 @@ def main() -> None:
     ap.add_argument("--long-lrs", type=float, nargs="+", default=[1e-2], help="Adam learning rates of part 2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the curves here")
+    ap.add_argument("--baseline-json", action="append", default=[], metavar="PATH",
+                    help="take the MoBE curves from this earlier --json output (same budget) instead of running "
+                         "the baseline; may be repeated")
     args = ap.parse_args()
     args.am_options = dict(parse_option(o) for o in args.am_option)
     torch.set_num_threads(args.threads)
@@ -363,7 +400,8 @@ def main() -> None:
           f"{args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}, load average at start {load()})")
     print(f"linear AM: fit_bank(weight_aware=True, steps={args.am_steps}, target_support={K}, patience=3"
           + "".join(f", {k}={v!r}" for k, v in args.am_options.items()) + f"); refinement {args.refine_method}, "
-          f"lr {args.adam_lr:g}; GloBE configuration: {args.globe_config}")
+          f"lr {'the method default' if args.adam_lr is None else args.adam_lr}; GloBE configuration: "
+          f"{args.globe_config}")
     out = {}
     if not args.no_time_to_error:
         out["time_to_error"] = time_to_error(args)

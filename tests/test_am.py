@@ -519,6 +519,9 @@ def test_phi_without_refinement_is_refused_and_refinement_settings_are_checked()
     assert cfg.fingerprint() != default.fingerprint()
     assert default.replace(coherence=0.5).fingerprint() != default.fingerprint()
     assert default.replace(refine_lr=0.02).fingerprint() != default.fingerprint()
+    assert default.refine_lr is None and default.refine_method == "auto"
+    for method in ("varpro_gn", "varpro", "adam", "gn"):
+        assert GlobeConfig(refine_method=method, refine_lr=0.03).refine_method == method
     import hashlib
     import json
 

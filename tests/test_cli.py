@@ -588,7 +588,8 @@ def test_refinement_and_coherence_options_reach_the_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for fragment in ("--budget F", "--refine-steps N", "--refine-method {adam,gn,varpro}", "--coherence MU",
+    for fragment in ("--budget F", "--refine-steps N", "--refine-method {adam,gn,varpro,varpro_gn,auto}",
+                     "--coherence MU",
                      "required for --phi tanh or silu"):
         assert fragment in text, fragment
 

@@ -14,6 +14,9 @@ import torch
 from globe.refine import (
     _adapter_solve,
     _bank_system,
+    _block_inverse,
+    _cg,
+    auto_method,
     fit_frozen,
     linear_warm_start,
     objective,
@@ -98,7 +101,7 @@ def test_bank_gradient_and_gauss_newton_product(phi):
     """The hand-written gradient and JᵀJ product of the bank step against autograd (float64)."""
     W, bank, alpha, A = planted(N=5, p=4, r=3, d=6, m=3, seed=3)
     bank = bank * 0.7
-    grad, gn, _ = _bank_system(W, A, bank, alpha, phi)
+    grad, gn, _, _ = _bank_system(W, A, bank, alpha, phi)
     b = bank.clone().requires_grad_(True)
     auto = torch.autograd.grad(objective(W, A, b, alpha, phi), b)[0]
     torch.testing.assert_close(grad, auto, rtol=1e-10, atol=1e-10)
@@ -112,6 +115,51 @@ def test_bank_gradient_and_gauss_newton_product(phi):
     torch.testing.assert_close(gn(V), 2 * vjp(Jv)[0], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("phi", PHIS)
+def test_preconditioned_cg_solves_the_damped_variable_projection_system(phi):
+    """The bank step's linear system (JᵀJ + λD) δ = -g with the Kaufman product: CG preconditioned with the
+    atoms' blocks against a dense float64 solve of the same operator written out column by column; and the
+    preconditioner is the inverse of the damped blocks (odd sizes)."""
+    W, bank, alpha, A = planted(N=7, p=5, r=3, d=7, m=4, seed=21)
+    grad, gn, H, D = _bank_system(W, A, bank * 0.6, alpha, phi, 1e-6)
+    lam = 0.05
+    n = bank.numel()
+    cols = [gn(e.reshape(bank.shape)).reshape(-1) for e in torch.eye(n, dtype=torch.float64)]
+    M = torch.stack(cols, 1) + torch.diag((lam * D)[:, None, None].expand(bank.shape).reshape(-1))
+    torch.testing.assert_close(M, M.T, rtol=1e-9, atol=1e-12)  # JᵀJ is symmetric
+    want = torch.linalg.solve(M, -grad.reshape(-1)).reshape(bank.shape)
+    pre = _block_inverse(H, D, lam)
+    got = _cg(lambda V: gn(V) + (lam * D)[:, None, None] * V, -grad, 200, 1e-13, pre)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    V = torch.randn(bank.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)
+    blocks = H + ((lam + 1e-7) * D)[:, None, None] * eye
+    torch.testing.assert_close(blocks @ pre(V), V, rtol=1e-9, atol=1e-9)
+
+
+def test_varpro_gn_beats_first_order_per_step_on_ill_conditioned_adapters():
+    """Adapters with a steep singular spectrum (what makes first-order bank steps slow): a few varpro_gn
+    iterations go further than many more varpro steps from the same start (15 against 200; in CPU time too on
+    the benchmark's shapes, see bench/bench_refine.py --compare), and return exact adapters."""
+    g = torch.Generator().manual_seed(23)
+    N, p, r, d, m = 12, 9, 5, 13, 4
+    bank = torch.randn(m, r, d, generator=g, dtype=torch.float64)
+    alpha = torch.rand(N, m, generator=g, dtype=torch.float64)
+    alpha = alpha / alpha.sum(1, keepdim=True)
+    A = torch.randn(N, p, r, generator=g, dtype=torch.float64) * torch.logspace(0, -2, r, dtype=torch.float64)
+    W = A @ ops.compose(bank, alpha) + 1e-6 * torch.randn(N, p, d, generator=g, dtype=torch.float64)
+    bank0 = bank + 0.3 * torch.randn(m, r, d, generator=g, dtype=torch.float64)
+    A0 = _adapter_solve(W, ops.compose(bank0, alpha), 1e-6)
+    gn = refine(W, bank0, alpha, A0, "identity", method="varpro_gn", steps=15, patience=100, kmax=m)
+    fo = refine(W, bank0, alpha, A0, "identity", method="varpro", steps=200, eval_every=20, patience=100,
+                kmax=m, lr=0.05)
+    assert gn.rel_error < 0.5 * fo.rel_error < 0.5 * gn.rel_error_start
+    errs = [h["rel_error"] for h in gn.history]
+    assert errs[-1] < errs[0]
+    exact = _adapter_solve(W, ops.compose(gn.bank, gn.alpha), 1e-6)
+    torch.testing.assert_close(gn.A, exact, rtol=1e-8, atol=1e-10)
+
+
 def test_sparse_simplex_projection():
     v = torch.tensor([[0.5, 0.4, -0.1, 0.3], [2.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.25]], dtype=torch.float64)
     out = sparse_simplex_projection(v, 2)
@@ -122,13 +170,16 @@ def test_sparse_simplex_projection():
 
 
 @pytest.mark.parametrize(("phi", "method"), [(phi, "gn") for phi in PHIS] + [("silu", "adam"), ("identity", "varpro"),
-                                                                             ("tanh", "varpro")])
+                                                                             ("tanh", "varpro"),
+                                                                             ("identity", "varpro_gn"),
+                                                                             ("silu", "varpro_gn")])
 def test_refine_never_increases_validation_error(phi, method):
     W, _, _, _ = planted(N=14, seed=5, phi=phi, noise=0.1)
     Wt, Wv = W[:11], W[11:]
     bank, alpha, A = linear_warm_start(Wt, 3, 4, 2, iters=0, generator=torch.Generator().manual_seed(0))
-    res = refine(Wt, bank, alpha, A, phi, method=method, steps=3 if method == "gn" else 40, val_W=Wv,
-                 eval_every=1 if method == "gn" else 20, patience=3, qp_iters=30)
+    second_order = method in ("gn", "varpro_gn")
+    res = refine(Wt, bank, alpha, A, phi, method=method, steps=3 if second_order else 40, val_W=Wv,
+                 eval_every=1 if second_order else 20, patience=3, qp_iters=30)
     assert res.rel_error_val <= res.rel_error_val_start
     # the reported validation error is that of the returned held-out factors with the returned bank
     assert math.isclose(rel(Wv, res.val_A, res.bank, res.val_alpha, phi), res.rel_error_val, rel_tol=1e-9)
@@ -136,7 +187,7 @@ def test_refine_never_increases_validation_error(phi, method):
         torch.testing.assert_close(a.sum(1), torch.ones(a.shape[0], dtype=a.dtype))
         assert bool((a >= 0).all()) and int((a > 0).sum(1).max()) <= 2
     # with no validation set the training error is the criterion and cannot go up either
-    res2 = refine(Wt, bank, alpha, A, phi, method=method, steps=2 if method == "gn" else 20, qp_iters=30)
+    res2 = refine(Wt, bank, alpha, A, phi, method=method, steps=2 if second_order else 20, qp_iters=30)
     assert res2.rel_error <= res2.rel_error_start + 1e-12
 
 
@@ -258,7 +309,22 @@ def test_apply_refinement_on_a_trainer_fit():
 
     before = err(fit, "identity")
     n_hist = len(fit.history)
+    method, kappa = auto_method(fit.A)  # what "auto" (no refine_method given) decides by, from the AM's adapters
     apply_refinement(fit, W, SimpleNamespace(phi="tanh", refine_steps=2, center=True))
     assert fit.phi == "tanh" and len(fit.history) > n_hist and fit.history[-1]["stage"] == "refine"
     assert err(fit, "tanh") <= before + 1e-6
     assert "refine.rel_error" in fit.metrics
+    assert fit.metrics["refine.auto_kappa"] == pytest.approx(kappa)
+    assert fit.metrics["refine.method"] == method
+
+
+def test_auto_method_follows_the_adapters_conditioning():
+    """Orthonormal adapters (κ = 1) take varpro; adapters with singular values 1 ... 1e-3 (κ = 1e6) take
+    varpro_gn; the κ reported is the median over the sampled experts (odd N, more than the sample)."""
+    g = torch.Generator().manual_seed(31)
+    Q = torch.linalg.qr(torch.randn(67, 9, 5, generator=g, dtype=torch.float64)).Q
+    method, kappa = auto_method(Q, sample=16)
+    assert method == "varpro" and kappa == pytest.approx(1.0, rel=1e-9)
+    steep = Q * torch.logspace(0, -3, 5, dtype=torch.float64)
+    method, kappa = auto_method(steep.float(), sample=16)
+    assert method == "varpro_gn" and kappa == pytest.approx(1e6, rel=1e-3)

@@ -231,11 +231,12 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
     "refine_method": (
         ("--refine-method",),
         None,
-        "refinement optimiser: varpro (adapters solved exactly each step, Adam on bank and codes), adam (Adam on "
-        "adapters, bank and codes) or gn (block Gauss-Newton)",
+        "refinement optimiser: auto (varpro_gn where the adapters are badly conditioned, else varpro), varpro "
+        "(adapters solved exactly each step, Adam on bank and codes), varpro_gn (adapters solved exactly, "
+        "Gauss-Newton steps on the bank), adam (Adam on adapters, bank and codes) or gn (block Gauss-Newton)",
     ),
-    "refine_lr": (("--refine-lr",), "LR", "Adam's learning rate of the varpro and adam refinements, relative to "
-                  "each tensor's RMS"),
+    "refine_lr": (("--refine-lr",), "LR", "Adam's learning rate of the refinement, relative to each tensor's RMS "
+                  "(default: the method's, 0.1 for varpro and adam, 0.01 for varpro_gn's codes)"),
     "refine_time_limit": (("--refine-time-limit",), "SEC", "seconds of refinement per bank at most"),
     "coherence": (
         ("--coherence",),
@@ -349,7 +350,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> list[str]:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, int) or name in ("top_k", "refine_steps"):
             kwargs["type"] = int
-        elif isinstance(default, float) or name in ("budget", "refine_time_limit"):
+        elif isinstance(default, float) or name in ("budget", "refine_time_limit", "refine_lr"):
             kwargs["type"] = float
         choices = _choices(name)
         if choices:

@@ -35,7 +35,7 @@ M_PRESETS = {"n/8": (1, 8), "n/4": (1, 4), "n/2": (1, 2)}
 SPARSITIES = ("entmax15", "sparsemax", "entmax_bisect", "topk")
 SCOPES = ("global", "layer")
 PHIS = ("identity", "tanh", "silu")
-REFINE_METHODS = ("adam", "gn", "varpro")
+REFINE_METHODS = ("adam", "gn", "varpro", "varpro_gn", "auto")
 SEEDING_METHODS = ("ts_pca", "left_gram_pca", "svd", "spherical_kmeans", "residual_greedy")
 INITS = ("subspace", "kmeans")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -81,13 +81,16 @@ class GlobeConfig:
     (:func:`globe.budget.choose_by_budget`) and records the candidates; the r, m, scope and center given here
     are replaced by the winner's. refine_steps: iterations of the refinement through phi after the AM
     (:func:`globe.refine.apply_refinement`, early-stopped on the held-out experts); None or 0: no refinement,
-    which phi other than "identity" does not allow (fit_bank raises ConfigError). refine_method: "varpro" (the
-    adapters solved exactly every step, Adam on bank and codes; the lowest error at equal CPU time on every
-    suite of ``python bench/bench_refine.py --compare``), "adam" (Adam on A, bank and codes jointly) or "gn"
-    (block Gauss-Newton / Levenberg-Marquardt). refine_lr: Adam's learning rate for "varpro" and "adam",
-    relative to each tensor's RMS (0.1 beat 0.01 at every time on every suite there). refine_time_limit: seconds
-    of refinement at most (None: no limit). coherence: relative weight mu of the atom-coherence penalty
-    mu sum_{j != k} <B_j, B_k>^2 in the proxy-mode dictionary step (:func:`globe.coherence.
+    which phi other than "identity" does not allow (fit_bank raises ConfigError). refine_method: "auto" (the
+    default: "varpro_gn" where the AM's adapters are badly conditioned, "varpro" elsewhere; see
+    :func:`globe.refine.auto_method`), "varpro" (the adapters solved exactly every step, Adam on bank and
+    codes), "varpro_gn" (the adapters solved exactly, preconditioned Gauss-Newton steps on the bank, Adam on the
+    codes), "adam" (Adam on A, bank and codes jointly) or "gn" (block Gauss-Newton / Levenberg-Marquardt);
+    ``python bench/bench_refine.py --compare`` compares them at equal CPU time. refine_lr: Adam's learning rate,
+    relative to each tensor's RMS (None: the method's own, :data:`globe.refine.DEFAULT_LR`: 0.1 for "varpro"
+    and "adam", which beat 0.01 at every time on every suite there; 0.01 for the codes of "varpro_gn").
+    refine_time_limit: seconds of refinement at most (None: no limit). coherence: relative weight mu of the
+    atom-coherence penalty mu sum_{j != k} <B_j, B_k>^2 in the proxy-mode dictionary step (:func:`globe.coherence.
     mod_solve_with_coherence`; 0 = the plain MOD solve; not available with weight_aware); coherence_iters:
     its preconditioned gradient iterations at most.
 
@@ -159,8 +162,8 @@ class GlobeConfig:
     dtype: str = "float32"
     budget: float | None = None
     refine_steps: int | None = None
-    refine_method: str = "varpro"
-    refine_lr: float = 0.1
+    refine_method: str = "auto"
+    refine_lr: float | None = None
     refine_time_limit: float | None = None
     coherence: float = 0.0
     coherence_iters: int = 20
@@ -263,7 +266,8 @@ class GlobeConfig:
         check_int("refine_steps", 0, allow_none=True)
         if self.refine_method not in REFINE_METHODS:
             raise bad("refine_method", f"must be one of {REFINE_METHODS}")
-        check_float("refine_lr", 0.0, strict=True)
+        if self.refine_lr is not None:
+            check_float("refine_lr", 0.0, strict=True)
         if self.refine_time_limit is not None:
             check_float("refine_time_limit", 0.0, strict=True)
         check_float("coherence", 0.0)
