@@ -301,7 +301,7 @@ def time_to_error(args) -> dict:
     for name, res in results.items():
         gl = res["globe"]
         print(f"\n{name}: GloBE's configuration: {gl['reason']} (search {gl['search_cpu']:.1f} s cpu, not in the "
-              "curve)")
+              f"curve); refinement: {', '.join(gl['methods'])}")
         am_end = max(pt[clk] for pt in gl["curve"] if pt["stage"] == "am")
         recs = ", ".join(f"{pt[clk]:.1f}: {pt['err']:.4f}" for pt in gl["curve"] if pt["stage"] == "am")
         print(f"\n{name}: GloBE's linear AM ends at {am_end:.1f} s with {gl['am_final']:.4f}; its records "
