@@ -2,7 +2,7 @@
 
     PYTHONPATH=python:. python bench/bench_time_to_error.py [--suites planted,clustered,lowrank_noise]
         [--budget 0.25] [--lrs 1e-3 3e-3 1e-2 3e-2 1e-1] [--sweep-time 30] [--extend 2] [--mobe-max-time 240]
-        [--globe-refine-time 240] [--json curves.json]
+        [--globe-refine-time 240] [--json curves.json] [--baseline-json earlier.json]
     PYTHONPATH=python:. python bench/bench_time_to_error.py --no-time-to-error --long-refine
 
 Part 1 (default; ``--no-time-to-error`` skips it; about 10 to 15 minutes per suite with the defaults, since
@@ -21,21 +21,24 @@ experts, p=96, d=384) at one budget (default 0.25), with the parameter counts of
   instead: global, m = n/4, centred). The search's CPU time is printed, not added to the curve, as the baseline's
   learning-rate sweep is not added to its. Then the linear AM (:func:`globe.am.fit_bank`, weight-aware, target
   support 4, ``--am-steps`` steps, 2 by default: 13 more cost about 2 s and the refinement ends no lower, see
-  bench_refine.py --compare) followed by :func:`globe.refine.refine` (``--refine-method``, default "varpro": Adam
-  on bank and codes with the adapters solved exactly every step; phi = identity, the mean refitted when there is
-  one) until it stops improving by the refinement's own early stop (``--globe-patience`` records, ``--eval-every``
-  steps apart, each below a relative gain of ``--globe-min-improvement``: by default about the baseline's 0.1 %
-  over 500 steps) or ``--globe-refine-time`` seconds. Its curve is the error against the original weights (mean
-  included: the AM records' ``rel_error_all``, the refinement records' ``rel_error``) at the moment each record
-  reaches this script, from before ``fit_bank`` is called: normalisation, warm start, initial bank, AM steps,
-  metric records and the refinement are all counted. With scope "layer" the layers are fitted one after the other
-  and the curve starts once every layer has its AM.
+  bench_refine.py --compare) followed by :func:`globe.refine.refine` (``--refine-method``, default "auto", the
+  trainer's: "varpro_gn" where the AM's adapters are badly conditioned, else "varpro", decided per bank by
+  :func:`globe.refine.auto_method` and printed; phi = identity, the mean refitted when there is one) until it
+  stops improving by the refinement's own early stop (``--globe-patience`` records, ``--eval-every`` steps apart,
+  default 1 for the Gauss-Newton methods and 10 otherwise, each below a relative gain of
+  ``--globe-min-improvement``) or ``--globe-refine-time`` seconds. Its curve is the error against the original
+  weights (mean included: the AM records' ``rel_error_all``, the refinement records' ``rel_error``) at the moment
+  each record reaches this script, from before ``fit_bank`` is called: normalisation, warm start, initial bank,
+  AM steps, metric records and the refinement are all counted. With scope "layer" the layers are fitted one after
+  the other and the curve starts once every layer has its AM.
 
 Times are CPU seconds of this process by default (``--clock cpu``; with one torch thread the same as wall time
 on an idle machine, and not inflated by other processes on a shared one); ``--clock wall`` uses wall-clock
 seconds. Both clocks are recorded; the table uses the chosen one. The ratio is GloBE's time to reach E_mobe
 over T_mobe; the claim "GloBE reaches the baseline's final error in at most a tenth of its time" holds where
-it is <= 0.1. ``--json PATH`` writes every curve.
+it is <= 0.1. ``--json PATH`` writes every curve. ``--baseline-json PATH`` (repeatable) takes the MoBE curves
+of each suite from such an earlier output instead of running the baseline again (it must be of the same budget:
+the baseline's r and m are checked); the GloBE side is then measured alone, in a few minutes per suite.
 
 Part 2 (``--long-refine``): does GloBE beat per-expert SVD on ``planted_silu`` (budget 0.25, global) when the
 refinement gets more time or phi = silu? One linear AM, then one refinement per (method, phi) for

@@ -298,6 +298,28 @@ def _exact(Z: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, phi: str,
     return A, _per_expert(Z, A, Bt)
 
 
+class _Adam:
+    """Adam (torch.optim.Adam's update at its defaults) on tensors updated in place, one learning rate each.
+
+    Written out because building a torch optimiser imports torch._dynamo, about 3 CPU seconds the first time
+    in a process: most of a short refinement."""
+
+    def __init__(self, tensors_lrs: list[tuple[torch.Tensor, float]], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.items = [(x, float(lr), torch.zeros_like(x), torch.zeros_like(x)) for x, lr in tensors_lrs]
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.t = 0
+
+    def step(self, grads: list[torch.Tensor]) -> None:
+        self.t += 1
+        c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
+        for (x, lr, m1, m2), g in zip(self.items, grads):
+            m1.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            m2.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            x.addcdiv_(m1, (m2.sqrt() / math.sqrt(c2)).add_(self.eps), value=-lr / c1)
+
+
 @dataclass
 class _State:
     A: torch.Tensor
@@ -695,15 +717,15 @@ def refine(
     opt = None
     if method in ("adam", "varpro"):
         rms = [float(t.double().pow(2).mean().sqrt()) or 1.0 for t in (st.A, st.bank)]
-        groups = [{"params": [st.bank], "lr": lr * rms[1]}, {"params": [st.alpha], "lr": lr / kmax}]
+        groups = [(st.bank, lr * rms[1]), (st.alpha, lr / kmax)]
         if method == "adam":
-            groups.insert(0, {"params": [st.A], "lr": lr * rms[0]})
-        opt = torch.optim.Adam(groups)
-        supp_mask = (st.alpha.detach() > 0) if not support_reselect else None
+            groups.insert(0, (st.A, lr * rms[0]))
+        opt = _Adam(groups)
+        supp_mask = (st.alpha > 0) if not support_reselect else None
     if method == "varpro_gn":
         # only the codes take Adam steps here; the bank moves by Levenberg-Marquardt steps
-        opt = torch.optim.Adam([st.alpha], lr=lr / kmax)
-        supp_mask = (st.alpha.detach() > 0) if not support_reselect else None
+        opt = _Adam([(st.alpha, lr / kmax)])
+        supp_mask = (st.alpha > 0) if not support_reselect else None
         st.A, Fi = _exact(target(W), st.bank, st.alpha, phi, lambda_A)
 
     step = 0
@@ -714,13 +736,11 @@ def refine(
             with torch.no_grad():
                 _, _, ga, _ = objective_grads(Zt, st.A, st.bank, st.alpha, phi, scale=1.0 / w_energy,
                                               grad_A=False)
-            st.alpha.grad = ga
-            opt.step()
-            with torch.no_grad():
+                opt.step([ga])
                 st.alpha.copy_(sparse_simplex_projection(st.alpha, kmax, supp_mask))
-            if fit_mean and st.mean is not None:
-                _mean_step(W, st, phi)
-            st.A, Fi = _exact(target(W), st.bank, st.alpha.detach(), phi, lambda_A)
+                if fit_mean and st.mean is not None:
+                    _mean_step(W, st, phi)
+                st.A, Fi = _exact(target(W), st.bank, st.alpha, phi, lambda_A)
         elif method == "gn":
             Zt = target(W)
             extra = kmax if support_reselect else 0
@@ -739,9 +759,7 @@ def refine(
                                                        fit_mean=fit_mean, scale=1.0 / w_energy,
                                                        grad_A=method == "adam", U=U)
                 st.mean = new_mean
-            st.A.grad, st.bank.grad, st.alpha.grad = gA, gB, ga
-            opt.step()
-            with torch.no_grad():
+                opt.step([gA, gB, ga] if method == "adam" else [gB, ga])
                 st.alpha.copy_(sparse_simplex_projection(st.alpha, kmax, supp_mask))
         if step % eval_every and step != steps:
             if time_limit is None or time.perf_counter() - t_start < time_limit:
