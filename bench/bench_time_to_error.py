@@ -222,17 +222,14 @@ def globe_curve(W: torch.Tensor, budget: float, setting: dict, args) -> dict:
     final_resid, steps_run, early = 0.0, 0, True
     methods = []
     for gi, (fit, Wg) in enumerate(zip(fits, groups)):
-        method = args.refine_method
-        # None lets refine choose per phase (1 for the Gauss-Newton methods, 25 for the first-order ones)
-        eval_every = args.eval_every or (None if method == "auto" else 1 if method in ("gn", "varpro_gn") else 10)
+        method, kappa = (auto_method(fit.A) if args.refine_method == "auto" else (args.refine_method, None))
+        methods.append(method if kappa is None else f"auto: {method}, kappa {kappa:.2g}")
+        eval_every = args.eval_every or (1 if method in ("gn", "varpro_gn") else 10)
         res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=method,
                      mean=fit.normalization.mean if center else None, fit_mean=center, kmax=K, steps=10**7,
                      time_limit=args.globe_refine_time / len(groups), patience=args.globe_patience,
                      min_improvement=args.globe_min_improvement, eval_every=eval_every, lr=args.adam_lr,
                      callback=lambda rec, gi=gi: stamp("refine", gi, rec["rel_error"]))
-        switch = next((h["time_s"] for h in res.history if h.get("method") != res.history[0].get("method")), None)
-        methods.append(res.method + ("" if method != "auto" else f" (auto, kappa {auto_method(fit.A)[1]:.2g})")
-                       + ("" if switch is None else f", switched {switch:.1f} s into the refinement"))
         final_resid += float((res.reconstruct() - Wg).double().pow(2).sum())
         steps_run, early = steps_run + res.steps_run, early and res.stopped_early
     final = rel(final_resid, sum(energy))
@@ -383,8 +380,7 @@ def main() -> None:
     ap.add_argument("--globe-min-improvement", type=float, default=2e-5,
                     help="relative improvement per record that counts (50 x 2e-5: 0.1 %% over 500 Adam steps)")
     ap.add_argument("--eval-every", type=int, default=None,
-                    help="refinement steps between records (default 1 for gn and varpro_gn, 10 for adam and "
-                         "varpro, refine's own per phase for auto)")
+                    help="refinement steps between records (default 1 for gn and varpro_gn, 10 otherwise)")
     ap.add_argument("--adam-lr", type=float, default=None,
                     help="the refinement's (relative) learning rate (default: the method's DEFAULT_LR)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")

@@ -159,15 +159,9 @@ def test_varpro_gn_beats_first_order_per_step_on_ill_conditioned_adapters():
     assert errs[-1] < errs[0]
     exact = _adapter_solve(W, ops.compose(gn.bank, gn.alpha), 1e-6)
     torch.testing.assert_close(gn.A, exact, rtol=1e-8, atol=1e-10)
-    # "auto" takes varpro_gn here (κ = 1e4 ... 1e5 from the spectrum above) and, once it stalls (patience 2 at a
-    # 10 % gain), goes on with varpro from that state; the returned error is the best over both phases
-    au = refine(W, bank0, alpha, A0, "identity", method="auto", steps=40, patience=2, min_improvement=0.1,
-                kmax=m)
-    phases = [h["method"] for h in au.history]
-    assert au.method == "varpro_gn+varpro" and phases[0] == "varpro_gn" and phases[-1] == "varpro"
-    assert phases == sorted(phases, key=lambda x: x != "varpro_gn")  # one switch, never back
-    assert au.rel_error == pytest.approx(min(h["rel_error"] for h in au.history), rel=1e-9)
-    assert au.rel_error < 0.5 * au.rel_error_start
+    # "auto" takes varpro_gn here (κ = 1e4 ... 1e5 from the spectrum above) and says so in the result and records
+    au = refine(W, bank0, alpha, A0, "identity", method="auto", steps=3, patience=100, kmax=m)
+    assert au.method == "varpro_gn" and {h["method"] for h in au.history} == {"varpro_gn"}
 
 
 def test_written_out_adam_matches_torch_adam():
@@ -343,7 +337,7 @@ def test_apply_refinement_on_a_trainer_fit():
     assert err(fit, "tanh") <= before + 1e-6
     assert "refine.rel_error" in fit.metrics
     assert fit.metrics["refine.auto_kappa"] == pytest.approx(kappa)
-    assert fit.metrics["refine.method"].split("+")[0] == method
+    assert fit.metrics["refine.method"] == method
 
 
 def test_auto_method_follows_the_adapters_conditioning():

@@ -49,8 +49,8 @@ Methods (``method``):
   the adapters are badly conditioned: on clustered at budget 0.5 (r = 95) it reaches MoBE's final error in
   under 10 CPU seconds of refinement where "varpro" needs about 50 (``python bench/bench_refine.py --compare
   --compare-budget 0.5``). It moves the codes slowly, so over long runs varpro can end lower.
-* ``"auto"`` (the trainer's default): "varpro_gn" while the adapters are badly conditioned (:func:`auto_method`)
-  and it still gains, then "varpro"; "varpro" from the start otherwise.
+* ``"auto"`` (the trainer's default): "varpro_gn" where the AM's adapters are badly conditioned
+  (:func:`auto_method`), "varpro" elsewhere.
 
 For φ ≠ identity the scale of the atoms matters (unit-norm atoms make φ nearly linear). Before the first
 iteration the bank is rescaled by the gain (the unscaled bank with its adapters as given, or a few gains that
@@ -480,9 +480,9 @@ def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: s
 def _block_inverse(H: torch.Tensor, D: torch.Tensor, lam: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """V -> (H_j + lam D_j I)^-1 V_j per atom (the damped block-Jacobi preconditioner)."""
     r = H.shape[1]
-    Hd = H + (lam * D)[:, None, None] * torch.eye(r, dtype=H.dtype, device=H.device)
-    Hd = Hd + 1e-7 * D[:, None, None] * torch.eye(r, dtype=H.dtype, device=H.device)  # H_j is singular
-    L, info = torch.linalg.cholesky_ex(Hd.double())                                  # for unused atoms
+    # a floor of 1e-7 D_j on the diagonal: H_j is singular for an atom no expert uses
+    Hd = H + ((lam + 1e-7) * D)[:, None, None] * torch.eye(r, dtype=H.dtype, device=H.device)
+    L, info = torch.linalg.cholesky_ex(Hd.double())
     if bool(info.any()):
         return lambda V: V / (D * (1 + lam))[:, None, None]
     Hi = torch.cholesky_inverse(L).to(H.dtype)
@@ -490,7 +490,7 @@ def _block_inverse(H: torch.Tensor, D: torch.Tensor, lam: float) -> Callable[[to
 
 
 def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, cg_iters: int, lam_A: float,
-               tries: int = 4, precondition: bool = True) -> torch.Tensor:
+               tries: int = 4) -> torch.Tensor:
     """Levenberg-Marquardt step on the bank, adapters eliminated (variable projection: Gauss-Newton normal
     equations with the Kaufman Jacobian, by conjugate gradient preconditioned with the atoms' blocks; the step
     is judged with the adapters re-solved exactly); lam[0] is the damping."""
@@ -498,8 +498,7 @@ def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, c
     F_tot = float(F_old.sum())
     for _ in range(tries):
         damp = lam[0] * D[:, None, None]
-        pre = _block_inverse(H, D, lam[0]) if precondition else None
-        delta = _cg(lambda V, damp=damp: gn(V) + damp * V, -grad, cg_iters, 1e-4, pre)
+        delta = _cg(lambda V, damp=damp: gn(V) + damp * V, -grad, cg_iters, 1e-4, _block_inverse(H, D, lam[0]))
         bank_new = st.bank + delta
         A_new, F_new = _exact(Z, bank_new, st.alpha, phi, lam_A)
         if float(F_new.sum()) < F_tot:
@@ -628,27 +627,19 @@ def refine(
     dense or SparseCodes (rows on the simplex); A [N, p, r]. kmax: most atoms per expert (default: the
     largest support of alpha). eval_every: iterations between validation checks (default 1 for "gn" and
     "varpro_gn", 25 for "adam" and "varpro"); patience counts checks. lr: Adam's relative learning rate
-    ("adam", "varpro"; the codes' for "varpro_gn"; None: :data:`DEFAULT_LR`). method "auto": "varpro" or, where
-    :func:`auto_method` finds the adapters badly conditioned, "varpro_gn" until it stalls (``patience`` checks
-    without gain), then "varpro" from that state (lr is then varpro's; varpro_gn's codes take a tenth of it); the
-    result's ``method`` says what ran ("varpro_gn+varpro" after a switch) and every record carries its method.
-    generator is unused (every method is deterministic) and
-    kept for API symmetry.
+    ("adam", "varpro"; the codes' for "varpro_gn"; None: :data:`DEFAULT_LR` of the method run). method "auto":
+    "varpro_gn" where :func:`auto_method` finds the adapters badly conditioned, "varpro" elsewhere; the result's
+    ``method`` and every record's say which ran. generator is unused (every method is deterministic) and kept
+    for API symmetry.
     """
     phi = check_phi(phi)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if W.dim() != 3 or bank.dim() != 3 or A.dim() != 3:
         raise ValueError("W [N, p, d], bank [m, r, d] and A [N, p, r] must be 3-d")
-    then_varpro = False  # "auto" with varpro_gn: continue with varpro once the Gauss-Newton phase stalls
-    lr_varpro = DEFAULT_LR["varpro"] if lr is None else float(lr)
     if method == "auto":
         method, _ = auto_method(A)
-        then_varpro = method == "varpro_gn"
-        if lr is not None and then_varpro:  # lr is the varpro phase's; the codes of varpro_gn move 10x slower
-            lr = lr * DEFAULT_LR["varpro_gn"] / DEFAULT_LR["varpro"]
     lr = DEFAULT_LR[method] if lr is None else float(lr)
-    eval_every_given = eval_every
     t_start = time.perf_counter()
     dtype, device = W.dtype, W.device
     m = bank.shape[0]
@@ -741,7 +732,6 @@ def refine(
         supp_mask = (st.alpha > 0) if not support_reselect else None
         st.A, Fi = _exact(target(W), st.bank, st.alpha, phi, lambda_A)
 
-    phases = [method]
     step = 0
     for step in range(1, steps + 1):
         if method == "varpro_gn":
@@ -786,7 +776,8 @@ def refine(
                 if method == "varpro":  # the adapters returned are the exact solve for what is returned
                     st.A = _adapter_solve(target(W), Bt, lambda_A)
             snap = _State(st.A.detach(), st.bank.detach(), st.alpha.detach(), st.mean)
-            Fi = train_F(snap)
+            if method in ("adam", "varpro"):  # the second-order methods' Fi is that of the current state already
+                Fi = train_F(snap)
             rec = {"step": step, "time_s": time.perf_counter() - t_start,
                    "rel_error": rel(float(Fi.sum()), w_energy), "rel_error_val": validate(snap), "method": method}
         history.append(rec)
@@ -802,13 +793,6 @@ def refine(
             if crit(rec) < best[0]:  # small gains still update the best state
                 best = (crit(rec), step, snap.clone(), dict(vstate))
         if stale >= patience:
-            if then_varpro:  # switch: Adam on bank and codes from here, the adapters still solved exactly
-                then_varpro, method, stale = False, "varpro", 0
-                phases.append("varpro")
-                rms_bank = float(st.bank.double().pow(2).mean().sqrt()) or 1.0
-                opt = _Adam([(st.bank, lr_varpro * rms_bank), (st.alpha, lr_varpro / kmax)])
-                eval_every = eval_every_given or 25
-                continue
             stopped = True
             break
         if time_limit is not None and time.perf_counter() - t_start >= time_limit:
@@ -820,7 +804,7 @@ def refine(
         Fb = train_F(bst)
     rec_best = history[[h["step"] for h in history].index(best_step)]
     return RefineResult(
-        bank=bst.bank, alpha=bst.alpha, A=bst.A, phi=phi, method="+".join(phases), mean=bst.mean, gain=gain,
+        bank=bst.bank, alpha=bst.alpha, A=bst.A, phi=phi, method=method, mean=bst.mean, gain=gain,
         val_alpha=bv["alpha"], val_A=bv["A"],
         rel_error_start=err0, rel_error=rel(float(Fb.sum()), w_energy),
         rel_error_val_start=val0, rel_error_val=rec_best["rel_error_val"],
@@ -900,8 +884,9 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     """The trainer's hook: refine a FitResult in place after the AM loop when the config asks for it.
 
     Reads ``config.phi`` and, when present, ``config.refine_steps`` (default: 0 for identity; otherwise 2000
-    for "adam", "varpro" and "auto", 300 for "varpro_gn", 30 for "gn"), ``config.refine_method`` (default
-    "auto", see :func:`refine`; ``refine.auto_kappa`` records the κ it decided by and ``refine.method`` what ran),
+    for "adam" and "varpro", 300 for "varpro_gn", 30 for "gn"), ``config.refine_method`` (default "auto",
+    resolved here by :func:`auto_method`; ``refine.auto_kappa`` records the κ it decided by, ``refine.method``
+    what ran),
     ``config.refine_lr`` (None: the method's :data:`DEFAULT_LR`),
     ``config.refine_time_limit`` (None), ``config.center``. Runs :func:`refine_fit` on W [N, p, d] (original
     scale) with the mean refitted when centred, then updates
@@ -914,7 +899,9 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     """
     phi = check_phi(getattr(config, "phi", "identity"))
     method = getattr(config, "refine_method", None) or "auto"
-    kappa = auto_method(fit.A)[1] if method == "auto" else None
+    kappa = None
+    if method == "auto":
+        method, kappa = auto_method(fit.A)
     lr = getattr(config, "refine_lr", None)  # None: refine's per-method default
     steps = getattr(config, "refine_steps", None)
     if steps is None:
@@ -949,14 +936,12 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     # the error over all experts, the starting one included, so this never makes the artifact worse.
     final_steps = int(getattr(config, "final_steps", 0) or 0)
     if fit.val_index and final_steps > 0:
-        method = res.method.split("+")[-1]  # the final pass continues with the method the refinement ended on
         second_order = method in ("gn", "varpro_gn")
         n_final = final_steps if second_order else max(10, steps // 10)
         Wd = W.to(device=fit.A.device, dtype=fit.A.dtype)
         mean = fit.normalization.mean.to(Wd) if center and fit.normalization.center else None
         fin = refine(Wd, fit.bank, fit.alpha, fit.A, phi, steps=n_final, method=method, mean=mean,
-                     fit_mean=mean is not None, rescale=False, patience=n_final + 1,
-                     lr=lr if lr is None or kappa is None or method != "varpro_gn" else lr * 0.1,
+                     fit_mean=mean is not None, rescale=False, patience=n_final + 1, lr=lr,
                      eval_every=1 if second_order else max(1, n_final // 5), callback=recorder("refine_final"))
         fit.bank, fit.alpha, fit.A = fin.bank, fin.alpha, fin.A
         if mean is not None and fin.mean is not None:
