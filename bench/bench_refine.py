@@ -47,6 +47,7 @@ from globe.refine import (  # noqa: E402
     DEFAULT_LR,
     _adapter_solve,
     _mix,
+    auto_method,
     objective,
     objective_grads,
     refine,
@@ -231,6 +232,8 @@ def compare_methods(args) -> None:
         am_err = rel(float((fit.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
         for spec in args.compare_methods:
             method, _, lr = spec.partition(":")
+            if method == "auto":  # resolved here so that the record spacing fits the method that runs
+                method = auto_method(fit.A)[0]
             pts: list[tuple[float, float]] = []
             c1 = time.process_time()
             res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=method,
