@@ -45,6 +45,7 @@ from globe.budget import bank_mode_parameters, max_rank  # noqa: E402
 from globe.config import GlobeConfig  # noqa: E402
 from globe.refine import (  # noqa: E402
     DEFAULT_LR,
+    SECOND_ORDER_METHODS,
     _adapter_solve,
     _mix,
     auto_method,
@@ -56,8 +57,6 @@ from globe.refine import (  # noqa: E402
 from synthetic_suites import make_suite  # noqa: E402
 
 from globe_kernels import ops  # noqa: E402
-
-SECOND_ORDER = ("gn", "varpro_gn")  # one Gauss-Newton iteration per record, not ten
 
 PHIS = ("identity", "tanh", "silu")
 K = 4  # target support
@@ -238,7 +237,7 @@ def compare_methods(args) -> None:
             c1 = time.process_time()
             res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=method,
                          mean=fit.normalization.mean if center else None, fit_mean=center, kmax=K, steps=10**7,
-                         time_limit=max(times), patience=10**9, eval_every=1 if method in SECOND_ORDER else 10,
+                         time_limit=max(times), patience=10**9, eval_every=1 if method in SECOND_ORDER_METHODS else 10,
                          lr=float(lr) if lr else DEFAULT_LR[method],
                          callback=lambda rec, pts=pts, c1=c1: pts.append((time.process_time() - c1,
                                                                           rec["rel_error"])))

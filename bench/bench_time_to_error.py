@@ -65,7 +65,7 @@ from bench_refine import K, mobe_fit, mobe_rank, rel, svd_error  # noqa: E402
 from globe.am import fit_bank  # noqa: E402
 from globe.budget import bank_mode_parameters, choose_by_budget, max_rank  # noqa: E402
 from globe.config import GlobeConfig  # noqa: E402
-from globe.refine import DEFAULT_LR, METHODS, auto_method, refine  # noqa: E402
+from globe.refine import DEFAULT_LR, METHODS, SECOND_ORDER_METHODS, auto_method, refine  # noqa: E402
 from synthetic_suites import make_suite  # noqa: E402
 
 CHECKPOINTS = (1, 2, 5, 10, 20, 30, 60, 120)  # seconds at which the curves are printed
@@ -224,7 +224,7 @@ def globe_curve(W: torch.Tensor, budget: float, setting: dict, args) -> dict:
     for gi, (fit, Wg) in enumerate(zip(fits, groups)):
         method, kappa = (auto_method(fit.A) if args.refine_method == "auto" else (args.refine_method, None))
         methods.append(method if kappa is None else f"auto: {method}, kappa {kappa:.2g}")
-        eval_every = args.eval_every or (1 if method in ("gn", "varpro_gn") else 10)
+        eval_every = args.eval_every or (1 if method in SECOND_ORDER_METHODS else 10)
         res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=method,
                      mean=fit.normalization.mean if center else None, fit_mean=center, kmax=K, steps=10**7,
                      time_limit=args.globe_refine_time / len(groups), patience=args.globe_patience,
@@ -241,12 +241,11 @@ def globe_curve(W: torch.Tensor, budget: float, setting: dict, args) -> dict:
     frac = bank_mode_parameters(L, n, p, d, r, m, K, scope, center) / (L * n * p * d)
     print(f"  globe ({scope}, m={m}, r={r}, {'centred' if center else 'no mean'}): AM {am_err:.4f} in "
           f"{am_cpu:.1f} s cpu / {am_wall:.1f} s wall, after refinement ({'; '.join(sorted(set(methods)))}) "
-          f"{final:.4f} "
-          f"({steps_run} steps, {'early stop' if early else 'time limit'}), total "
+          f"{final:.4f} ({steps_run} steps, {'early stop' if early else 'time limit'}), total "
           f"{curve[-1]['cpu']:.1f} s cpu / {curve[-1]['wall']:.1f} s wall", flush=True)
     return {"curve": curve, "final": final, "am_final": am_err, "am_cpu": am_cpu, "am_wall": am_wall, "r": r,
-            "methods": methods,
-            "m": m, "frac": frac, **{k: setting[k] for k in ("scope", "center", "search_cpu", "reason")}}
+            "m": m, "frac": frac, "methods": methods,
+            **{k: setting[k] for k in ("scope", "center", "search_cpu", "reason")}}
 
 
 def time_to_error(args) -> dict:
@@ -335,7 +334,7 @@ def long_refine(args) -> dict:
                 c1 = time.process_time()
                 res = refine(Wg, fit.bank, fit.alpha, fit.A, phi, method=method, mean=fit.normalization.mean,
                              fit_mean=True, kmax=K, steps=10**7, time_limit=max(args.long_times), patience=10**9,
-                             eval_every=1 if method in ("gn", "varpro_gn") else args.eval_every or 10,
+                             eval_every=1 if method in SECOND_ORDER_METHODS else args.eval_every or 10,
                              lr=lr or args.adam_lr or DEFAULT_LR.get(method),
                              callback=lambda rec, pts=pts, c1=c1: pts.append(
                                  {"cpu": time.process_time() - c1, "wall": rec["time_s"], "err": rec["rel_error"]}))

@@ -520,6 +520,10 @@ def test_phi_without_refinement_is_refused_and_refinement_settings_are_checked()
     assert default.replace(coherence=0.5).fingerprint() != default.fingerprint()
     assert default.replace(refine_lr=0.02).fingerprint() != default.fingerprint()
     assert default.refine_lr is None and default.refine_method == "auto"
+    from globe.config import REFINE_METHODS
+    from globe.refine import METHODS
+
+    assert set(REFINE_METHODS) == set(METHODS)  # the config accepts exactly what the refinement runs
     for method in ("varpro_gn", "varpro", "adam", "gn"):
         assert GlobeConfig(refine_method=method, refine_lr=0.03).refine_method == method
     import hashlib

@@ -36,8 +36,7 @@ Methods (``method``):
   at that A, which is the gradient of the reduced objective min_A F (the partial gradient in A vanishes
   there); α projected as for "adam". A step costs a little more than a joint Adam step (a Gram product and a
   batched small Cholesky instead of the adapters' gradient) and gets further per step: the lowest error after
-  20 CPU seconds on every suite of ``python bench/bench_refine.py --compare`` (0.2-2 % below joint Adam), hence
-  the trainer's default.
+  20 CPU seconds on every suite of ``python bench/bench_refine.py --compare`` (0.2-2 % below joint Adam).
 * ``"varpro_gn"``: variable projection with second-order steps on the bank. Each iteration (a) one
   Levenberg-Marquardt step on the bank, the adapters eliminated: the Gauss-Newton equations of the Kaufman
   Jacobian, (JᵀJ + λD) δ = -g, solved by conjugate gradient preconditioned with each atom's r x r block
@@ -46,9 +45,9 @@ Methods (``method``):
   it is retried; (b) one Adam step on the codes at ``lr / kmax`` (projected as for "adam"; the default lr of
   this method is 0.01: the codes move slowly while the bank is re-optimised under them); (c) the mean, when
   fitted, and the exact adapters. An iteration costs about 20 "varpro" steps and needs far fewer of them where
-  the adapters are badly conditioned: on clustered at budget 0.5 (r = 95) it reaches MoBE's final error in
-  under 10 CPU seconds of refinement where "varpro" needs about 50 (``python bench/bench_refine.py --compare
-  --compare-budget 0.5``). It moves the codes slowly, so over long runs varpro can end lower.
+  the adapters are badly conditioned: on clustered at budget 0.5 (r = 95) it is at 0.0597 after 10 CPU seconds
+  of refinement where "varpro" is at 0.0632 after 20 (``python bench/bench_refine.py --compare --compare-budget
+  0.5 --compare-no-mean``). It moves the codes slowly, so over long runs varpro can end lower.
 * ``"auto"`` (the trainer's default): "varpro_gn" where the AM's adapters are badly conditioned
   (:func:`auto_method`), "varpro" elsewhere.
 
@@ -99,10 +98,13 @@ __all__ = [
     "register_compose_autograd",
     "METHODS",
     "DEFAULT_LR",
+    "SECOND_ORDER_METHODS",
     "auto_method",
 ]
 
 METHODS = ("gn", "adam", "varpro", "varpro_gn", "auto")
+# methods whose iteration is a Gauss-Newton step: one record per iteration by default, not one per 25
+SECOND_ORDER_METHODS = ("gn", "varpro_gn")
 # each method's relative learning rate when none is given ("gn" has none)
 DEFAULT_LR = {"gn": 0.01, "adam": 0.1, "varpro": 0.1, "varpro_gn": 0.01}
 # "auto" takes varpro_gn above this median condition number of A_iᵀA_i, varpro below (see auto_method)
@@ -652,7 +654,7 @@ def refine(
     alpha = sparse_simplex_projection(alpha, kmax)
     st = _State(A.to(device=device, dtype=dtype).clone(), bank.to(device=device, dtype=dtype).clone(), alpha,
                 None if mean is None else mean.to(device=device, dtype=dtype).clone())
-    eval_every = eval_every or (1 if method in ("gn", "varpro_gn") else 25)
+    eval_every = eval_every or (1 if method in SECOND_ORDER_METHODS else 25)
 
     def target(Wx: torch.Tensor) -> torch.Tensor:
         return Wx if st.mean is None else Wx - st.mean
@@ -883,17 +885,15 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
                      callback: Callable[[dict[str, Any]], Any] | None = None) -> Any:
     """The trainer's hook: refine a FitResult in place after the AM loop when the config asks for it.
 
-    Reads ``config.phi`` and, when present, ``config.refine_steps`` (default: 0 for identity; otherwise 2000
-    for "adam" and "varpro", 300 for "varpro_gn", 30 for "gn"), ``config.refine_method`` (default "auto",
-    resolved here by :func:`auto_method`; ``refine.auto_kappa`` records the κ it decided by, ``refine.method``
-    what ran),
-    ``config.refine_lr`` (None: the method's :data:`DEFAULT_LR`),
-    ``config.refine_time_limit`` (None), ``config.center``. Runs :func:`refine_fit` on W [N, p, d] (original
-    scale) with the mean refitted when centred, then updates
-    fit.bank / alpha / A / normalization.mean, sets ``fit.phi``, appends the refinement records to
-    fit.history (``{"stage": "refine", ...}``) and adds ``refine.*`` entries to fit.metrics. With held-out
-    experts and ``config.final_steps`` > 0, a final short refinement over all experts follows (``final_steps``
-    iterations for "gn", a tenth of ``refine_steps`` (at least 10) otherwise; records ``"stage":
+    Reads ``config.phi`` and, when present, ``config.refine_steps`` (default: 0 for identity; otherwise 2000 for
+    "adam" and "varpro", 300 for "varpro_gn", 30 for "gn"), ``config.refine_method`` (default "auto", resolved here
+    by :func:`auto_method`; ``refine.auto_kappa`` records the κ it decided by, ``refine.method`` what ran),
+    ``config.refine_lr`` (None: the method's :data:`DEFAULT_LR`), ``config.refine_time_limit`` (None),
+    ``config.center``. Runs :func:`refine_fit` on W [N, p, d] (original scale) with the mean refitted when centred,
+    then updates fit.bank / alpha / A / normalization.mean, sets ``fit.phi``, appends the refinement records to
+    fit.history (``{"stage": "refine", ...}``) and adds ``refine.*`` entries to fit.metrics. With held-out experts
+    and ``config.final_steps`` > 0, a final short refinement over all experts follows (``final_steps`` iterations
+    for "gn" and "varpro_gn", a tenth of ``refine_steps`` (at least 10) otherwise; records ``"stage":
     "refine_final"``), kept only where it lowers the error over all experts. Returns fit.
     Nothing happens (but ``fit.phi`` is set) when φ is the identity and refine_steps is 0.
     """
@@ -936,7 +936,7 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     # the error over all experts, the starting one included, so this never makes the artifact worse.
     final_steps = int(getattr(config, "final_steps", 0) or 0)
     if fit.val_index and final_steps > 0:
-        second_order = method in ("gn", "varpro_gn")
+        second_order = method in SECOND_ORDER_METHODS
         n_final = final_steps if second_order else max(10, steps // 10)
         Wd = W.to(device=fit.A.device, dtype=fit.A.dtype)
         mean = fit.normalization.mean.to(Wd) if center and fit.normalization.center else None
