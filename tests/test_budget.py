@@ -52,7 +52,9 @@ def test_choice_respects_budget_and_records_candidates(layers, budget):
     assert win["rel_error"] == min(c["rel_error"] for c in scored)
     cfg = choice.config
     assert (cfg.r, cfg.m, cfg.scope, cfg.center) == (win["r"], win["m"], win["scope"], win["center"])
-    assert parameter_fraction(3, 8, 12, 40, cfg.r, cfg.m, 2, cfg.scope, cfg.center) <= budget
+    # entmax codes are counted with m slots (the target support is not a cap), topk codes with top_k
+    assert all(c["k"] == c["m"] and c["k_fit"] == min(2, c["m"]) for c in scored)
+    assert parameter_fraction(3, 8, 12, 40, cfg.r, cfg.m, cfg.m, cfg.scope, cfg.center) <= budget
     assert "lowest sampled relative error" in choice.reason
     d = choice.to_dict()
     assert d["budget"] == budget and len(d["candidates"]) == len(choice.candidates)
@@ -77,3 +79,10 @@ def test_infeasible_budget_and_time_limit(layers):
     # the first candidate is scored before the limit is checked again; the others are recorded as skipped
     assert any(c["status"] == "skipped" for c in choice.candidates)
     assert "skipped by the time limit" in choice.reason
+
+
+def test_topk_codes_are_counted_with_top_k_slots(layers):
+    choice = choose_by_budget(layers, 0.4, GlobeConfig(sparsity="topk", top_k=2), fitter="quick", search_steps=0,
+                              sample_experts=8)
+    scored = [c for c in choice.candidates if c["status"] == "scored"]
+    assert scored and all(c["k"] == min(2, c["m"]) for c in scored)

@@ -577,6 +577,25 @@ def test_compress_with_a_budget_end_to_end(checkpoint, tmp_path):
     assert json.loads((out / "compress_config.json").read_text())["budget"] == 0.5
 
 
+@pytest.mark.parametrize("mode", ["proxy", "weight_aware"])
+def test_a_budget_bounds_what_the_artifact_stores(checkpoint, tmp_path, mode):
+    """Codes count as the values and indices of their non-zeros. The target support is a median (a code may
+    hold more atoms), so the search counts m slots per expert. Counting the target support instead, the
+    weight-aware artifact held 0.2988 of the original parameters where the search had counted 0.2979."""
+    from globe.artifact import load_artifact
+
+    out = tmp_path / mode
+    extra = ["--weight-aware"] if mode == "weight_aware" else []
+    run_cli("compress", checkpoint, "-o", out, "--budget", "0.3", "--steps", "3", "--target-support", "1",
+            *extra, "-q")
+    art = load_artifact(out)
+    params = art.num_parameters()
+    chosen = art.config["budget_choice"]["chosen"]
+    assert params["bank_mode"] <= len(art.families) * chosen["params"]
+    assert params["bank_mode"] / params["dense"] <= chosen["param_fraction"] <= 0.3
+    assert chosen["k"] == chosen["m"]
+
+
 def test_refinement_and_coherence_options_reach_the_config(tmp_path, capsys):
     args = build_parser().parse_args(
         ["compress", "ckpt", "-o", str(tmp_path), "--phi", "silu", "--refine-steps", "5", "--refine-method", "gn",

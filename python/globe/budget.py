@@ -7,9 +7,16 @@ bank mode stores for one family (the count is the same for gate and up):
                      + p d (mean, if centred)
     scope "layer":   L (m r d + n p r + 2 n k + p d [if centred])
 
-against the original L n p d (L MoE layers, n experts each, experts p x d; k = slots per expert, the target
-support, or top_k with sparsity "topk"; the normalisation scale is folded into the adapters and costs
-nothing). Candidates: each scope (global only with more than one layer), the mean term on or off, and m from
+against the original L n p d (L MoE layers, n experts each, experts p x d; k = code slots per expert; the
+normalisation scale is folded into the adapters and costs nothing). k is what the fit can store, not what it
+aims for: top_k with sparsity "topk" (a hard cap), but m with the entmax codes, since the target support is a
+median the temperature steers toward and a code may hold more atoms (on bench/synthetic_suites.py's clustered
+experts, r 47, m 12, the weight-aware AM at a target of 4 ends with codes of 6 atoms at the median and up to
+10). Counting m keeps the budget a bound on the artifact, for 2 L n (m - k)
+numbers more: 3.6e-5 of the experts of a Qwen3-30B-A3B-sized model (L 48, n 128, p 768, d 2048, m 32, k 4).
+The quick fitter caps its codes at the target support.
+
+Candidates: each scope (global only with more than one layer), the mean term on or off, and m from
 the presets {n/8, n/4, n/2} of the scope plus 1 and 2; for each, r is the largest that keeps the fraction
 within the budget (at most min(p, d); a candidate with no r >= 1 is infeasible and not fitted).
 
@@ -92,7 +99,7 @@ class BudgetChoice:
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget": self.budget,
-            "chosen": {k: self.winner[k] for k in ("scope", "center", "r", "m", "param_fraction",
+            "chosen": {k: self.winner[k] for k in ("scope", "center", "r", "m", "k", "params", "param_fraction",
                                                    "rel_error")},
             "reason": self.reason,
             "fitter": self.fitter,
@@ -194,7 +201,8 @@ def choose_by_budget(
             if tuple(t.shape) != (n, p, d):
                 raise ValueError(f"every layer must hold [n, p, d] = {(n, p, d)} experts, got "
                                  f"{tuple(t.shape)}")
-    k = base.top_k if base.sparsity == "topk" and base.top_k else base.target_support
+    topk = base.sparsity == "topk" and bool(base.top_k)
+    k_fit = base.top_k if topk else base.target_support  # the quick fitter's cap on each code
     layer_sel = _even(L, sample_layers)
     expert_sel = _even(n, sample_experts)
     dev, dt = torch.device(base.device), base.torch_dtype
@@ -214,8 +222,9 @@ def choose_by_budget(
         ms = {max(1, (n_scope * a) // b) for a, b in M_PRESETS.values()} | {1, 2}
         for center in centers:
             for m in sorted(x for x in ms if x <= n_scope):
+                k = min(k_fit if topk else m, m)  # slots counted: see the module docstring
                 r = max_rank(budget, L, n, p, d, m, k, scope, center)
-                cand = {"scope": scope, "center": center, "m": m, "r": r, "k": min(k, m)}
+                cand = {"scope": scope, "center": center, "m": m, "r": r, "k": k, "k_fit": min(k_fit, m)}
                 if r < 1:
                     cand.update(status="infeasible", param_fraction=float("nan"), params=0,
                                 rel_error=float("nan"))
@@ -242,7 +251,7 @@ def choose_by_budget(
         groups = [torch.cat(sample, 0)] if cand["scope"] == "global" else sample
         r_s = min(cand["r"], p, d)
         for Wg in groups:
-            e, en, used = _fit_error(Wg, cfg, r_s, cand["m_sample"], cand["k"], used, gen)
+            e, en, used = _fit_error(Wg, cfg, r_s, cand["m_sample"], cand["k_fit"], used, gen)
             err, energy = err + e, energy + en
         cand["rel_error"] = math.sqrt(err / max(energy, 1e-300))
         cand["fit_time_s"] = time.perf_counter() - t

@@ -48,7 +48,9 @@ class GlobeConfig:
     r, m: sizes (presets or integers, see the module docstring). scope: "global" (one bank per family over all
     MoE layers) or "layer". seeding / seeding_options: the warm start of :mod:`globe.seeding` and its keyword
     arguments. sparsity: "entmax15", "sparsemax", "entmax_bisect" (with entmax_alpha) or "topk" (with top_k).
-    target_support: median number of atoms per expert the temperature controller aims at. eps: epsilon-prune
+    target_support: median number of atoms per expert the temperature controller aims at, not a cap (the
+    weight-aware code steps are accepted only where they lower the objective, so there the supports can stay
+    above it; the budget search counts m slots per code for that reason). eps: epsilon-prune
     threshold on the codes. T0, T_min, T_max, eta: initial temperature, its bounds, the controller gain.
     lambda_A, lambda_B: relative ridge of the adapter refit and of the dictionary step. steps: AM steps at
     most;

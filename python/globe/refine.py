@@ -185,7 +185,7 @@ def _mix(bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 def _per_expert(Z: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
     """F_i = ||Z_i - A_i B~_i||² [N] in float64."""
-    return (Z - A @ Bt).double().pow(2).sum(dim=(1, 2))
+    return (Z - A @ Bt).pow(2).sum(dim=(1, 2), dtype=torch.float64)
 
 
 def objective(Z: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor,
@@ -414,6 +414,11 @@ def _codes_step(Z, st: _State, phi: str, kmax: int, extra: int, damp: torch.Tens
     return torch.where(ok, F_new, F_old)
 
 
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """<x, y> accumulated in float64 without float64 copies of x and y."""
+    return (x * y).sum(dtype=torch.float64)
+
+
 def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
         tol: float, precond: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Solve matvec(x) = b by (preconditioned) conjugate gradient from x = 0; stops when the preconditioned
@@ -422,20 +427,20 @@ def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: 
     res = b.clone()
     z = res if precond is None else precond(res)
     p = z.clone()
-    rz = float((res.double() * z.double()).sum())
+    rz = float(_dot(res, z))
     stop = tol * tol * rz
     for _ in range(iters):
         if rz <= stop or rz <= 0:
             break
         Ap = matvec(p)
-        pAp = float((p.double() * Ap.double()).sum())
+        pAp = float(_dot(p, Ap))
         if pAp <= 0:
             break
         a = rz / pAp
         x = x + a * p
         res = res - a * Ap
         z = res if precond is None else precond(res)
-        rz_new = float((res.double() * z.double()).sum())
+        rz_new = float(_dot(res, z))
         p = z + (rz_new / rz) * p
         rz = rz_new
     return x
