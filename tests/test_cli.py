@@ -577,15 +577,17 @@ def test_compress_with_a_budget_end_to_end(checkpoint, tmp_path):
     assert json.loads((out / "compress_config.json").read_text())["budget"] == 0.5
 
 
-@pytest.mark.parametrize("mode", ["proxy", "weight_aware"])
+@pytest.mark.parametrize("mode", ["proxy", "weight_aware", "weight_aware_topk"])
 def test_a_budget_bounds_what_the_artifact_stores(checkpoint, tmp_path, mode):
     """Codes count as the values and indices of their non-zeros. The target support is a median (a code may
-    hold more atoms), so the search counts m slots per expert. Counting the target support instead, the
-    weight-aware artifact held 0.2988 of the original parameters where the search had counted 0.2979."""
+    hold more atoms), so the search counts m slots per expert; top_k is a cap, so it counts top_k. Counting
+    the target support, the weight-aware artifact held 0.2988 of the original parameters where the search had
+    counted 0.2979."""
     from globe.artifact import load_artifact
 
     out = tmp_path / mode
-    extra = ["--weight-aware"] if mode == "weight_aware" else []
+    extra = {"proxy": [], "weight_aware": ["--weight-aware"],
+             "weight_aware_topk": ["--weight-aware", "--sparsity", "topk", "--top-k", "1"]}[mode]
     run_cli("compress", checkpoint, "-o", out, "--budget", "0.3", "--steps", "3", "--target-support", "1",
             *extra, "-q")
     art = load_artifact(out)
@@ -593,7 +595,7 @@ def test_a_budget_bounds_what_the_artifact_stores(checkpoint, tmp_path, mode):
     chosen = art.config["budget_choice"]["chosen"]
     assert params["bank_mode"] <= len(art.families) * chosen["params"]
     assert params["bank_mode"] / params["dense"] <= chosen["param_fraction"] <= 0.3
-    assert chosen["k"] == chosen["m"]
+    assert chosen["k"] == (1 if mode == "weight_aware_topk" else chosen["m"])
 
 
 def test_refinement_and_coherence_options_reach_the_config(tmp_path, capsys):

@@ -825,6 +825,10 @@ def fit_bank(
     del A_seed
     t0 = time.perf_counter()
     bank, alpha, A, init_metrics = _initial_state(Z, X, train, m, cfg, gen)
+    if cfg.sparsity == "topk":
+        # top_k caps every code, the initial ones too: the weight-aware code steps are accepted only where they
+        # lower the objective, so a wider initial code would keep its atoms, and any mode may return step 0
+        alpha, _, _ = sparsify(alpha, float(cfg.T0), sparsity="topk", eps=cfg.eps, top_k=cfg.top_k)
     init_metrics["init_time_s"] = time.perf_counter() - t0
     T = float(cfg.T0)
 
