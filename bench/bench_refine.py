@@ -22,7 +22,7 @@ instead every refinement method of ``--compare-methods`` (``method[:lr]``, lr de
 ``globe.refine.DEFAULT_LR``) from one short AM per suite (``--compare-budget``, default 0.25, global, centred
 unless ``--compare-no-mean``, phi = identity) and prints the lowest error each has reached after
 ``--compare-times`` CPU seconds. ``--step-time`` prints the CPU time per refinement step (joint Adam with
-autograd's gradient and with the written-out one, and varpro's step) at r = 47 and 95.
+autograd's gradient and with the written-out one, varpro's step, a varpro_gn iteration) at r = 47 and 95.
 Timings are wall-clock seconds on this machine with ``--threads`` torch threads. The time-to-error comparison
 with the ``mobe`` baseline run to convergence (learning-rate sweep) is bench/bench_time_to_error.py.
 """
@@ -274,11 +274,26 @@ def _step_ms(kind: str, Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, a
     return sorted(times)[len(times) // 2]
 
 
+def _gn_iteration_ms(Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, args) -> float:
+    """Median CPU ms per varpro_gn iteration: --step-reps runs of :func:`globe.refine.refine` with
+    max(1, --step-count // 10) iterations each, one record at the end (its setup, the exact adapters and one
+    objective, is included and spread over the iterations)."""
+    n = max(1, args.step_count // 10)
+    times = []
+    for _ in range(args.step_reps):
+        c = time.process_time()
+        refine(Wg, bank, alpha, A, "identity", method="varpro_gn", kmax=K, steps=n, eval_every=n, patience=n + 1)
+        times.append((time.process_time() - c) / n * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def step_times(args) -> None:
     """CPU milliseconds per refinement step (median of --step-reps timings of --step-count steps each) at the
     suites' shape (48 experts, p=96, d=384, m=12, support 4, no mean): joint Adam with the gradient by autograd
     through :func:`globe.refine.objective` (the refinement before the written-out gradients), joint Adam with
-    :func:`globe.refine.objective_grads`, and varpro's step (exact adapters, then Adam on bank and codes)."""
+    :func:`globe.refine.objective_grads`, varpro's step (exact adapters, then Adam on bank and codes), and one
+    varpro_gn iteration (a Levenberg-Marquardt bank step of up to 20 CG products, a codes step, exact
+    adapters; see :func:`_gn_iteration_ms`)."""
     torch.set_num_threads(args.threads)
     W = make_suite("clustered")
     Wg = W.reshape(-1, *W.shape[2:])
@@ -286,8 +301,9 @@ def step_times(args) -> None:
     m = 12
     print(f"\n### CPU ms per refinement step (N={N}, p={p}, d={d}, m={m}, {args.threads} thread(s), median of "
           f"{args.step_reps} x {args.step_count} steps)\n")
-    print("| r | Adam, autograd | Adam, written-out gradients | varpro | autograd / written-out |")
-    print("|---|---|---|---|---|")
+    print("| r | Adam, autograd | Adam, written-out gradients | varpro | varpro_gn iteration | autograd / "
+          "written-out | varpro_gn / varpro |")
+    print("|---|---|---|---|---|---|---|")
     for r in args.step_ranks:
         g = torch.Generator().manual_seed(0)
         bank = torch.randn(m, r, d, generator=g) / r**0.5
@@ -295,7 +311,9 @@ def step_times(args) -> None:
         A = torch.randn(N, p, r, generator=g) * 0.01
         auto, manual, vp = (_step_ms(kind, Wg, A, bank, alpha, args)
                             for kind in ("autograd", "written-out", "varpro"))
-        print(f"| {r} | {auto:.1f} | {manual:.1f} | {vp:.1f} | {auto / manual:.2f} |", flush=True)
+        gn = _gn_iteration_ms(Wg, A, bank, alpha, args)
+        print(f"| {r} | {auto:.1f} | {manual:.1f} | {vp:.1f} | {gn:.1f} | {auto / manual:.2f} | {gn / vp:.1f} |",
+              flush=True)
 
 
 def main() -> None:
