@@ -898,8 +898,9 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     then updates fit.bank / alpha / A / normalization.mean, sets ``fit.phi``, appends the refinement records to
     fit.history (``{"stage": "refine", ...}``) and adds ``refine.*`` entries to fit.metrics. With held-out experts
     and ``config.final_steps`` > 0, a final short refinement over all experts follows (``final_steps`` iterations
-    for "gn" and "varpro_gn", a tenth of ``refine_steps`` (at least 10) otherwise; records ``"stage":
-    "refine_final"``), kept only where it lowers the error over all experts. Returns fit.
+    for "gn" and "varpro_gn", a tenth of ``refine_steps`` (at least 10) otherwise, within what is left of
+    ``refine_time_limit``; records ``"stage": "refine_final"``), kept only where it lowers the error over all
+    experts. Returns fit.
     Nothing happens (but ``fit.phi`` is set) when φ is the identity and refine_steps is 0.
     """
     phi = check_phi(getattr(config, "phi", "identity"))
@@ -926,9 +927,10 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
 
         return on_record
 
+    time_limit = getattr(config, "refine_time_limit", None)
+    t0 = time.perf_counter()
     res = refine_fit(fit, W, phi, steps=steps, method=method, lr=lr,
-                     fit_mean=center, time_limit=getattr(config, "refine_time_limit", None),
-                     callback=recorder("refine"))
+                     fit_mean=center, time_limit=time_limit, callback=recorder("refine"))
     fit.bank, fit.alpha, fit.A = res.bank, res.alpha, res.A
     if center and res.mean is not None:
         fit.normalization.mean = res.mean.to(fit.normalization.mean)
@@ -945,8 +947,10 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
         n_final = final_steps if second_order else max(10, steps // 10)
         Wd = W.to(device=fit.A.device, dtype=fit.A.dtype)
         mean = fit.normalization.mean.to(Wd) if center and fit.normalization.center else None
+        # what is left of refine_time_limit (the final pass is part of the refinement's time)
+        left = None if time_limit is None else max(0.0, float(time_limit) - (time.perf_counter() - t0))
         fin = refine(Wd, fit.bank, fit.alpha, fit.A, phi, steps=n_final, method=method, mean=mean,
-                     fit_mean=mean is not None, rescale=False, patience=n_final + 1, lr=lr,
+                     fit_mean=mean is not None, rescale=False, patience=n_final + 1, lr=lr, time_limit=left,
                      eval_every=1 if second_order else max(1, n_final // 5), callback=recorder("refine_final"))
         fit.bank, fit.alpha, fit.A = fin.bank, fin.alpha, fin.A
         if mean is not None and fin.mean is not None:
