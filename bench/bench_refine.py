@@ -22,7 +22,8 @@ instead every refinement method of ``--compare-methods`` (``method[:lr]``, lr de
 ``globe.refine.DEFAULT_LR``) from one short AM per suite (``--compare-budget``, default 0.25, global, centred
 unless ``--compare-no-mean``, phi = identity) and prints the lowest error each has reached after
 ``--compare-times`` CPU seconds. ``--step-time`` prints the CPU time per refinement step (joint Adam with
-autograd's gradient and with the written-out one, varpro's step, a varpro_gn iteration) at r = 47 and 95.
+autograd's gradient and with the written-out one, varpro's step, a varpro_gn iteration) at r = 47 and 95
+(``--device cuda --step-shape N,p,d,m`` on a GPU at other shapes).
 Timings are wall-clock seconds on this machine with ``--threads`` torch threads. The time-to-error comparison
 with the ``mobe`` baseline run to convergence (learning-rate sweep) is bench/bench_time_to_error.py.
 """
@@ -246,15 +247,24 @@ def compare_methods(args) -> None:
                   + " | ".join(f"{c:.4f}" for c in cells) + f" | {res.steps_run} |", flush=True)
 
 
+def _clock(device: torch.device) -> float:
+    """CPU seconds of this process on CPU; wall seconds after a synchronize on a GPU (its kernels run
+    asynchronously, and the CPU time of the launching thread would miss them)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
+
+
 def _step_ms(kind: str, Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor,
              args) -> float:
-    """Median CPU ms per step of one refinement kind ("autograd", "written-out", "varpro") from this state."""
+    """Median ms per step of one refinement kind ("autograd", "written-out", "varpro") from this state."""
     E = float(Wg.double().pow(2).sum())
     st = [A.clone(), bank.clone(), alpha.clone()]
     opt = torch.optim.Adam([{"params": [t]} for t in st], lr=1e-4)
     times = []
     for _ in range(args.step_reps):
-        c = time.process_time()
+        c = _clock(Wg.device)
         for _ in range(args.step_count):
             if kind == "autograd":
                 for t in st:
@@ -270,45 +280,54 @@ def _step_ms(kind: str, Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, a
                                                     U=U)
                 st[0].grad, st[1].grad, st[2].grad = gA, gB, ga
             opt.step()
-        times.append((time.process_time() - c) / args.step_count * 1e3)
+        times.append((_clock(Wg.device) - c) / args.step_count * 1e3)
     return sorted(times)[len(times) // 2]
 
 
 def _gn_iteration_ms(Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, args) -> float:
-    """Median CPU ms per varpro_gn iteration: --step-reps runs of :func:`globe.refine.refine` with
+    """Median ms per varpro_gn iteration: --step-reps runs of :func:`globe.refine.refine` with
     max(1, --step-count // 10) iterations each, one record at the end (its setup, the exact adapters and one
     objective, is included and spread over the iterations)."""
     n = max(1, args.step_count // 10)
     times = []
     for _ in range(args.step_reps):
-        c = time.process_time()
+        c = _clock(Wg.device)
         refine(Wg, bank, alpha, A, "identity", method="varpro_gn", kmax=K, steps=n, eval_every=n, patience=n + 1)
-        times.append((time.process_time() - c) / n * 1e3)
+        times.append((_clock(Wg.device) - c) / n * 1e3)
     return sorted(times)[len(times) // 2]
 
 
 def step_times(args) -> None:
-    """CPU milliseconds per refinement step (median of --step-reps timings of --step-count steps each) at the
-    suites' shape (48 experts, p=96, d=384, m=12, support 4, no mean): joint Adam with the gradient by autograd
-    through :func:`globe.refine.objective` (the refinement before the written-out gradients), joint Adam with
+    """Milliseconds per refinement step (median of --step-reps timings of --step-count steps each; CPU time on
+    CPU, wall time on a GPU) at the suites' shape (48 experts, p=96, d=384, m=12, support 4, no mean), or with
+    ``--step-shape N,p,d,m`` at that shape on random experts: joint Adam with the gradient by autograd through
+    :func:`globe.refine.objective` (the refinement before the written-out gradients), joint Adam with
     :func:`globe.refine.objective_grads`, varpro's step (exact adapters, then Adam on bank and codes), and one
     varpro_gn iteration (a Levenberg-Marquardt bank step of up to 20 CG products, a codes step, exact
-    adapters; see :func:`_gn_iteration_ms`)."""
+    adapters; see :func:`_gn_iteration_ms`). ``--device cuda`` runs it on the GPU."""
     torch.set_num_threads(args.threads)
-    W = make_suite("clustered")
-    Wg = W.reshape(-1, *W.shape[2:])
-    N, p, d = Wg.shape
-    m = 12
-    print(f"\n### CPU ms per refinement step (N={N}, p={p}, d={d}, m={m}, {args.threads} thread(s), median of "
+    device = torch.device(args.device)
+    if args.step_shape:
+        N, p, d, m = (int(x) for x in args.step_shape.split(","))
+        Wg = torch.randn(N, p, d, generator=torch.Generator().manual_seed(1)) * 0.02
+    else:
+        W = make_suite("clustered")
+        Wg = W.reshape(-1, *W.shape[2:])
+        N, p, d = Wg.shape
+        m = 12
+    Wg = Wg.to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} thread(s)"
+    clock = "wall" if device.type == "cuda" else "CPU"
+    print(f"\n### {clock} ms per refinement step (N={N}, p={p}, d={d}, m={m}, {where}, median of "
           f"{args.step_reps} x {args.step_count} steps)\n")
     print("| r | Adam, autograd | Adam, written-out gradients | varpro | varpro_gn iteration | autograd / "
           "written-out | varpro_gn / varpro |")
     print("|---|---|---|---|---|---|---|")
     for r in args.step_ranks:
         g = torch.Generator().manual_seed(0)
-        bank = torch.randn(m, r, d, generator=g) / r**0.5
-        alpha = sparse_simplex_projection(torch.rand(N, m, generator=g), K)
-        A = torch.randn(N, p, r, generator=g) * 0.01
+        bank = (torch.randn(m, r, d, generator=g) / r**0.5).to(device)
+        alpha = sparse_simplex_projection(torch.rand(N, m, generator=g), K).to(device)
+        A = (torch.randn(N, p, r, generator=g) * 0.01).to(device)
         auto, manual, vp = (_step_ms(kind, Wg, A, bank, alpha, args)
                             for kind in ("autograd", "written-out", "varpro"))
         gn = _gn_iteration_ms(Wg, A, bank, alpha, args)
@@ -340,6 +359,9 @@ def main() -> None:
     ap.add_argument("--step-ranks", type=int, nargs="+", default=[47, 95])
     ap.add_argument("--step-count", type=int, default=20)
     ap.add_argument("--step-reps", type=int, default=5)
+    ap.add_argument("--step-shape", default=None, metavar="N,p,d,m",
+                    help="--step-time on random experts of this shape instead of the suites'")
+    ap.add_argument("--device", default="cpu", help="--step-time's device (cpu or cuda)")
     args = ap.parse_args()
     if args.step_time:
         print(f"## bench_refine --step-time ({platform.processor() or platform.machine()}, torch "

@@ -3,7 +3,7 @@
 #
 #   bench/gpu.sh OUTDIR [STEP ...]
 #
-# STEP: any of env tests bench_ops bench_cholesky bench_decode bench_am (default: all, in that order; env always
+# STEP: any of env tests bench_ops bench_cholesky bench_decode bench_am bench_refine (default: all, in that order; env always
 # runs). Each step is cut off after STEP_TIMEOUT seconds (default 900; TIMEOUT_<step> for one step) so one
 # hang cannot eat the others.
 #
@@ -19,7 +19,10 @@
 #   3. the batched Cholesky sweep on CUDA (bench/bench_cholesky.py --device cuda);
 #   4. decode throughput of a patched model (bench/bench_decode.py);
 #   5. seconds per AM step of the trainer at one Qwen3-30B-A3B layer's shapes (bench/bench_am.py), proxy and
-#      weight-aware mode.
+#      weight-aware mode;
+#   6. milliseconds per refinement step at one Qwen3-30B-A3B layer's shapes (128 experts of 768 x 2048, m = 32,
+#      r = 192 and 384; bench/bench_refine.py --step-time --device cuda): joint Adam, varpro, a varpro_gn
+#      iteration.
 # Without a CUDA device the script still runs, as a dry run of itself: small shapes, CPU benchmarks, and the
 # summary says so. Nothing is written outside OUTDIR except the usual caches (the extension's just-in-time build in
 # ~/.cache/globe_kernels, Triton's kernel cache, pip/torch caches): no .pytest_cache, no __pycache__, no
@@ -32,7 +35,7 @@ if [ $# -lt 1 ]; then
 fi
 OUT=$1
 shift
-ALL_STEPS="tests bench_ops bench_cholesky bench_decode bench_am"
+ALL_STEPS="tests bench_ops bench_cholesky bench_decode bench_am bench_refine"
 WANT=" ${*:-$ALL_STEPS} "
 for s in $WANT; do
     case " $ALL_STEPS " in *" $s "*) ;; *) echo "unknown step $s (steps: $ALL_STEPS)" >&2; exit 2 ;; esac
@@ -55,12 +58,14 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     CHOL_ARGS=(--device cuda --reps 7)
     DECODE_ARGS=(--device cuda --dtype bfloat16 --shape qwen3-medium)
     AM_ARGS=(--device cuda --steps 3 --weight-aware)
+    REFINE_ARGS=(--step-time --device cuda --step-shape 128,768,2048,32 --step-ranks 192 384 --step-reps 5)
 else
     CUDA=0
     SIZE=small
     CHOL_ARGS=(--device cpu --reps 3 --threads 2 --r 8 64)
     DECODE_ARGS=(--device cpu --repeats 1)
     AM_ARGS=(--device cpu --small --steps 2)
+    REFINE_ARGS=(--step-time --device cpu --step-shape 32,48,96,8 --step-ranks 16 24 --step-reps 2 --step-count 10)
     echo "no CUDA device: dry run on CPU (small shapes)" >&2
 fi
 
@@ -114,6 +119,8 @@ step bench_cholesky "$PY" bench/bench_cholesky.py "${CHOL_ARGS[@]}"
 step bench_decode "$PY" bench/bench_decode.py "${DECODE_ARGS[@]}"
 
 step bench_am "$PY" bench/bench_am.py "${AM_ARGS[@]}"
+
+step bench_refine "$PY" bench/bench_refine.py "${REFINE_ARGS[@]}"
 
 # ---- the summary ------------------------------------------------------------------------------------------
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
@@ -177,6 +184,12 @@ TESTLINE=$(grep -E "(passed|failed|error|skipped)" "$OUT/tests.log" 2>/dev/null 
         echo "## AM step time (bench/bench_am.py ${AM_ARGS[*]})"
         echo
         grep -E "^\||^# bench_am" "$OUT/bench_am.log" 2>/dev/null || tail -n 30 "$OUT/bench_am.log"
+    fi
+    if [ -n "${STATUS[bench_refine]+x}" ]; then
+        echo
+        echo "## Refinement step time (bench/bench_refine.py ${REFINE_ARGS[*]})"
+        echo
+        grep -E "^\||^###" "$OUT/bench_refine.log" 2>/dev/null || tail -n 30 "$OUT/bench_refine.log"
     fi
 } >"$OUT/RESULTS_gpu.md"
 
