@@ -12,9 +12,9 @@ normalisation scale is folded into the adapters and costs nothing). k is what th
 aims for: top_k with sparsity "topk" (a hard cap), but m with the entmax codes, since the target support is a
 median the temperature steers toward and a code may hold more atoms (on bench/synthetic_suites.py's clustered
 experts, r 47, m 12, the weight-aware AM at a target of 4 ends with codes of 6 atoms at the median and up to
-10). Counting m keeps the budget a bound on the artifact, for 2 L n (m - k)
-numbers more: 3.6e-5 of the experts of a Qwen3-30B-A3B-sized model (L 48, n 128, p 768, d 2048, m 32, k 4).
-The quick fitter caps its codes at the target support.
+10). Counting m keeps the budget a bound on the artifact, for 2 L n (m - k) numbers more: 3.6e-5 of the experts
+of a Qwen3-30B-A3B-sized model (L 48, n 128, p 768, d 2048, m 32, k 4). The quick fitter caps its codes at the
+target support.
 
 Candidates: each scope (global only with more than one layer), the mean term on or off, and m from
 the presets {n/8, n/4, n/2} of the scope plus 1 and 2; for each, r is the largest that keeps the fraction
