@@ -1168,11 +1168,16 @@ def fit_bank(
         # "am."; rel_error and rel_error_val keep describing the AM's validated phase (the refinement's own are
         # refine.rel_error, refine.rel_error_val and refine.final_rel_error)
         if any(str(h.get("stage", "")).startswith("refine") for h in fit.history):
-            with torch.no_grad():
-                res = (W_orig - fit.reconstruct().to(W_orig)).double().pow(2).sum()
+            res = energy = 0.0
+            with torch.no_grad():  # in chunks of experts: no full-size float64 copy
+                for lo in range(0, N, _CHUNK):
+                    Wc = W_orig[lo : lo + _CHUNK]
+                    rec = fit.reconstruct(slice(lo, lo + _CHUNK)).to(Wc)
+                    res += float((Wc - rec).pow(2).sum(dtype=torch.float64))
+                    energy += float(Wc.pow(2).sum(dtype=torch.float64))
             for key in ("rel_error_all", "support_median", "support_mean", "support_p95", "support_overlap"):
                 fit.metrics[f"am.{key}"] = fit.metrics.get(key)
-            fit.metrics["rel_error_all"] = math.sqrt(float(res) / max(float(W_orig.double().pow(2).sum()), 1e-300))
+            fit.metrics["rel_error_all"] = math.sqrt(res / max(energy, 1e-300))
             support = M.support_stats(fit.alpha)
             for key in ("support_median", "support_mean", "support_p95"):
                 fit.metrics[key] = support[key]
