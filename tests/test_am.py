@@ -506,15 +506,18 @@ def test_refinement_final_pass_lets_the_bank_fit_the_held_out_experts():
         assert f.metrics["support_median"] == float((f.alpha != 0).sum(1).double().median())
 
 
-def test_refined_summary_in_chunks_of_experts(monkeypatch):
-    # the refined error is summed over chunks of experts (no full-size float64 copy); chunks of 7 of 32 experts
-    import globe.am as am_module
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_refined_summary_in_chunks_of_experts(monkeypatch, restarts):
+    # the refined error is summed over chunks of experts (no full-size float64 copy); chunks of 7 of 32 experts;
+    # with restarts the refinement runs once on the winner, and its summary is refreshed the same way
+    import globe.refine as refine_module
 
-    monkeypatch.setattr(am_module, "_CHUNK", 7)
+    monkeypatch.setattr(refine_module, "_SUMMARY_CHUNK", 7)
     W, _ = planted(N=32, seed=4, noise=0.1)
     fit = fit_bank(W, GlobeConfig(r=6, m=6, target_support=2, weight_aware=True, steps=3, val_fraction=0.0,
-                                  center=True, refine_steps=20, refine_method="varpro"))
+                                  center=True, refine_steps=20, refine_method="varpro", restarts=restarts))
     assert math.isclose(fit.metrics["rel_error_all"], rel(fit.reconstruct(), W), rel_tol=1e-5)
+    assert fit.metrics["am.rel_error_all"] > fit.metrics["rel_error_all"]
 
 
 def test_refinement_time_limit_covers_the_final_pass():

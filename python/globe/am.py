@@ -1164,24 +1164,6 @@ def fit_bank(
         t0 = time.perf_counter()
         fit = apply_refinement(fit, W_orig, cfg, callback=callback)
         fit.metrics["refine_time_s"] = time.perf_counter() - t0
-        # rel_error_all and the support statistics describe the returned (refined) factors, the AM's stay under
-        # "am."; rel_error and rel_error_val keep describing the AM's validated phase (the refinement's own are
-        # refine.rel_error, refine.rel_error_val and refine.final_rel_error)
-        if any(str(h.get("stage", "")).startswith("refine") for h in fit.history):
-            res = energy = 0.0
-            with torch.no_grad():  # in chunks of experts: no full-size float64 copy
-                for lo in range(0, N, _CHUNK):
-                    Wc = W_orig[lo : lo + _CHUNK]
-                    rec = fit.reconstruct(slice(lo, lo + _CHUNK)).to(Wc)
-                    res += float((Wc - rec).pow(2).sum(dtype=torch.float64))
-                    energy += float(Wc.pow(2).sum(dtype=torch.float64))
-            for key in ("rel_error_all", "support_median", "support_mean", "support_p95", "support_overlap"):
-                fit.metrics[f"am.{key}"] = fit.metrics.get(key)
-            fit.metrics["rel_error_all"] = math.sqrt(res / max(energy, 1e-300))
-            support = M.support_stats(fit.alpha)
-            for key in ("support_median", "support_mean", "support_p95"):
-                fit.metrics[key] = support[key]
-            fit.metrics["support_overlap"] = M.support_overlap(fit.alpha)
         fit.metrics["fit_time_s"] = time.perf_counter() - t_start
         fit.metrics.update({f"final.{k}": v for k, v in _coherence_metrics(fit.bank).items()})
     return fit

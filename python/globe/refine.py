@@ -900,7 +900,8 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     and ``config.final_steps`` > 0, a final short refinement over all experts follows (``final_steps`` iterations
     for "gn" and "varpro_gn", a tenth of ``refine_steps`` (at least 10) otherwise, within what is left of
     ``refine_time_limit``; records ``"stage": "refine_final"``), kept only where it lowers the error over all
-    experts. Returns fit.
+    experts. fit.metrics' rel_error_all and support statistics then describe the refined factors (the AM's
+    under "am.*"). Returns fit.
     Nothing happens (but ``fit.phi`` is set) when φ is the identity and refine_steps is 0.
     """
     phi = check_phi(getattr(config, "phi", "identity"))
@@ -958,4 +959,31 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
         fit.metrics["refine.final_steps_run"] = fin.steps_run
         fit.metrics["refine.final_rel_error_start"] = fin.rel_error_start
         fit.metrics["refine.final_rel_error"] = fin.rel_error
+    _refresh_summary(fit, W)
     return fit
+
+
+_SUMMARY_CHUNK = 256  # experts per chunk of the refined error's sum
+
+
+def _refresh_summary(fit: Any, W: torch.Tensor) -> None:
+    """Make fit.metrics' rel_error_all (against W [N, p, d], mean included) and support statistics describe the
+    refined factors; the AM's values move to "am.*". rel_error and rel_error_val keep describing the AM's
+    validated phase (the refinement's own are refine.rel_error, refine.rel_error_val, refine.final_rel_error).
+    The error is summed in chunks of experts, without a full-size float64 copy."""
+    from globe import metrics as M
+
+    res = energy = 0.0
+    with torch.no_grad():
+        for lo in range(0, W.shape[0], _SUMMARY_CHUNK):
+            Wc = W[lo : lo + _SUMMARY_CHUNK].to(device=fit.A.device, dtype=fit.A.dtype)
+            rec = fit.reconstruct(slice(lo, lo + _SUMMARY_CHUNK)).to(Wc)
+            res += float((Wc - rec).pow(2).sum(dtype=torch.float64))
+            energy += float(Wc.pow(2).sum(dtype=torch.float64))
+    for key in ("rel_error_all", "support_median", "support_mean", "support_p95", "support_overlap"):
+        fit.metrics[f"am.{key}"] = fit.metrics.get(key)
+    fit.metrics["rel_error_all"] = math.sqrt(res / max(energy, 1e-300))
+    support = M.support_stats(fit.alpha)
+    for key in ("support_median", "support_mean", "support_p95"):
+        fit.metrics[key] = support[key]
+    fit.metrics["support_overlap"] = M.support_overlap(fit.alpha)
