@@ -91,10 +91,24 @@ def compose(
     if bank.dim() != 3:
         raise ValueError(f"bank must be [m, r, d], got shape {tuple(bank.shape)}")
     m, r, d = bank.shape
+    acc = torch.float64 if bank.dtype == torch.float64 else torch.float32
+    if isinstance(alpha, SparseCodes) and alpha.indices.dim() == 2 and 48 * alpha.indices.shape[1] <= m:
+        # few atoms per expert out of many: gather them, k axpys of [n, r*d], instead of a product with the
+        # mostly-zero dense codes over all m atoms (on CPU an axpy costs about as much as 45 atoms of the
+        # product: at m = 512, r*d = 24576, 53 ms against 90 for k = 4 and 320 against 110 for k = 49)
+        idx = alpha.indices.long()
+        if bool(((idx < -1) | (idx >= m)).any()):
+            raise ValueError(f"code indices must lie in [0, {m}) or be -1 (unused slot)")
+        valid = idx >= 0
+        vals = torch.where(valid, alpha.values, torch.zeros((), dtype=alpha.values.dtype)).to(acc)
+        flat = bank.reshape(m, r * d)
+        out = torch.zeros(idx.shape[0], r * d, dtype=acc, device=bank.device)
+        for k in range(idx.shape[1]):
+            out.addcmul_(flat.index_select(0, idx[:, k].clamp_min(0)).to(acc), vals[:, k : k + 1])
+        return apply_phi(out.reshape(-1, r, d), phi).to(out_dtype or bank.dtype)
     dense = to_dense_codes(alpha, m) if isinstance(alpha, SparseCodes) else alpha
     if dense.dim() != 2 or dense.shape[1] != m:
         raise ValueError(f"alpha must be [n, {m}] for a bank of {m} atoms, got shape {tuple(dense.shape)}")
-    acc = torch.float64 if bank.dtype == torch.float64 else torch.float32
     out = (dense.to(acc) @ bank.reshape(m, r * d).to(acc)).reshape(-1, r, d)
     out = apply_phi(out, phi)
     return out.to(out_dtype or bank.dtype)

@@ -347,21 +347,102 @@ def test_final_pass_fits_the_held_out_experts_into_the_bank():
         GlobeConfig(final_steps=-1)
 
 
-def test_weight_aware_fit_too_large_for_memory_is_refused_before_any_work(monkeypatch):
-    from globe.am import _check_weight_aware_memory
+def test_weight_aware_fit_too_large_for_memory_goes_matrix_free_or_is_refused_before_any_work(monkeypatch):
+    from globe.am import _weight_aware_solver
 
-    # Qwen3-30B-A3B at global scope: 48 x 128 experts, m = n/4 = 1536 atoms of r = 384 rows: terabytes
-    with pytest.raises(ConfigError, match=r"GlobeConfig\.weight_aware: .* m=1536 .* r=384 .*scope='layer'"):
-        _check_weight_aware_memory(6144, 1536, 384, torch.device("cpu"), torch.float32)
-    _check_weight_aware_memory(128, 32, 384, torch.device("cpu"), torch.float32)  # one layer: 1.8 GB, allowed
+    def solver(kind, *shape):
+        return _weight_aware_solver(GlobeConfig(weight_aware=True, weight_aware_solver=kind), *shape,
+                                    torch.device("cpu"), torch.float32)
+
+    # Qwen3-30B-A3B at global scope: 48 x 128 experts, m = n/4 = 1536 atoms of r = 384 rows: terabytes dense
+    qwen_global, qwen_layer = (6144, 1536, 384), (128, 32, 384)
+    with pytest.raises(ConfigError, match=r"GlobeConfig\.weight_aware_solver: .* m=1536 .* r=384 .*'cg'"):
+        solver("dense", *qwen_global)
+    assert solver("auto", *qwen_global) == "cg" == solver("cg", *qwen_layer)
+    assert solver("auto", *qwen_layer) == "dense" == solver("dense", *qwen_layer)  # one layer: 1.8 GB
     W, _ = planted(N=16, seed=2)
     monkeypatch.setenv("GLOBE_WEIGHT_AWARE_MAX_GB", "1e-6")
     with pytest.raises(ConfigError, match="GLOBE_WEIGHT_AWARE_MAX_GB=1e-6"):
-        fit_bank(W, GlobeConfig(r=6, m=4, steps=1, weight_aware=True))
+        fit_bank(W, GlobeConfig(r=6, m=4, steps=1, weight_aware=True, weight_aware_solver="dense"))
+    fit = fit_bank(W, GlobeConfig(r=6, m=4, steps=1, weight_aware=True))  # auto: matrix-free
+    assert fit.history[1]["weight_aware_solver"] == "cg"
+    with pytest.raises(ConfigError, match=r"GlobeConfig\.support_search: .*weight_aware_solver='dense'"):
+        fit_bank(W, GlobeConfig(r=6, m=4, steps=1, weight_aware=True, support_search=1))
     fit_bank(W, GlobeConfig(r=6, m=4, steps=1))  # the proxy mode is not limited
     monkeypatch.setenv("GLOBE_WEIGHT_AWARE_MAX_GB", "lots")
     with pytest.raises(ConfigError, match="expected a number of GiB"):
         fit_bank(W, GlobeConfig(r=6, m=4, steps=1, weight_aware=True))
+    with pytest.raises(ConfigError, match=r"GlobeConfig\.weight_aware_solver: must be one of"):
+        GlobeConfig(weight_aware_solver="lu")
+
+
+def _weight_aware_problem(N=13, p=9, d=11, r=5, m=7, seed=0):
+    """Random experts, adapters, bank and sparse simplex codes in float64 (odd sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(N, p, d, generator=g, dtype=torch.float64)
+    A = torch.randn(N, p, r, generator=g, dtype=torch.float64)
+    bank = torch.randn(m, r, d, generator=g, dtype=torch.float64)
+    alpha = torch.rand(N, m, generator=g, dtype=torch.float64)
+    alpha[alpha < 0.5] = 0
+    alpha[torch.arange(N), torch.randint(m, (N,), generator=g)] += 0.3
+    alpha /= alpha.sum(1, keepdim=True)
+    return Z, A, bank, alpha
+
+
+def test_matrix_free_weight_aware_quantities_match_the_dense_ones():
+    from globe.am import _frob2, _WeightAware, _WeightAwareFree
+
+    Z, A, bank, alpha = _weight_aware_problem()
+    dense, free = _WeightAware(Z, A, _frob2(Z)), _WeightAwareFree(Z, A, _frob2(Z))
+    Q, c = dense.quadratic(bank)
+    # the objective against its definition, the gradient against the dense quadratic's
+    F = (Z - A @ torch.einsum("nm,mrd->nrd", alpha, bank)).pow(2).sum((1, 2))
+    torch.testing.assert_close(free.objective_of(bank, alpha), F, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dense.objective(Q, c, alpha), F, rtol=1e-10, atol=1e-10)
+    grad = 2 * ((Q @ alpha[:, :, None]).squeeze(2) - c)
+    torch.testing.assert_close(free.gradient(bank, alpha), grad, rtol=1e-10, atol=1e-10)
+    # the candidate quadratic is the dense one's rows and columns of the candidates, in their order
+    cand = torch.stack([torch.randperm(7, generator=torch.Generator().manual_seed(i))[:4] for i in range(13)])
+    Qc, cc = free.candidate_quadratic(bank, cand)
+    rows = torch.arange(13)[:, None, None]
+    torch.testing.assert_close(Qc, Q[rows, cand[:, :, None], cand[:, None, :]], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cc, c.gather(1, cand), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sel", ["all", "some"])
+def test_matrix_free_bank_step_solves_the_dense_normal_equations(sel):
+    from globe.am import _frob2, _solve_spd, _WeightAware, _WeightAwareFree
+
+    Z, A, bank, alpha = _weight_aware_problem(seed=1)
+    alpha[:, 6] = 0  # an atom no expert uses: only the ridge holds it
+    alpha /= alpha.sum(1, keepdim=True)
+    idx = torch.arange(13) if sel == "all" else torch.tensor([0, 2, 3, 5, 8, 9, 12])
+    H, rhs = _WeightAware(Z, A, _frob2(Z)).bank_system(alpha, idx, 1e-4)
+    exact = _solve_spd(H, rhs)[0].reshape(bank.shape)
+    got, info = _WeightAwareFree(Z, A, _frob2(Z)).bank_solve(alpha, idx, 1e-4, bank)
+    assert info["bank_cg_residual"] <= 1e-5 and 0 < info["bank_cg_iters"] <= 60
+    # the solution to the CG's tolerance: residual of the dense system relative to its right-hand side
+    res = (H @ got.reshape(7 * 5, -1) - rhs).norm() / rhs.norm()
+    assert float(res) < 1e-4, float(res)
+    assert rel(got, exact) < 1e-3
+
+
+def test_matrix_free_weight_aware_fit_follows_the_dense_one():
+    # more atoms than candidates per expert (m = 16 > support + 4), odd sizes; float64 so that the two
+    # solvers' differences are the CG tolerance and the candidate restriction, not rounding
+    W, _ = planted(N=40, p=13, d=29, r=5, m=16, support=2, seed=4, noise=0.1)
+    cfg = dict(r=5, m=16, target_support=2, weight_aware=True, center=False, steps=8, patience=100,
+               val_fraction=0.0, dtype="float64")
+    dense = fit_bank(W.double(), GlobeConfig(**cfg, weight_aware_solver="dense"))
+    free = fit_bank(W.double(), GlobeConfig(**cfg, weight_aware_solver="cg"))
+    obj = [h["objective"] for h in free.history]
+    for a, b in zip(obj, obj[1:]):
+        assert b <= a * (1 + 1e-9), (a, b)  # still a monotone descent
+    assert all(h["weight_aware_solver"] == "cg" for h in free.history[1:])
+    assert all(h["code_candidates"] < 16 for h in free.history[2:])  # the restriction was in force
+    e_dense, e_free = dense.metrics["rel_error_all"], free.metrics["rel_error_all"]
+    assert e_free < dense.history[0]["rel_error_all"] * 0.8
+    assert abs(e_free - e_dense) <= 0.03 * e_dense, (e_free, e_dense)
 
 
 def test_deterministic_bit_identical():
@@ -568,7 +649,7 @@ def test_phi_without_refinement_is_refused_and_refinement_settings_are_checked()
     old = {k: v for k, v in default.to_dict().items()
            if k not in ("device", "budget", "refine_steps", "refine_method", "refine_lr", "refine_time_limit",
                         "coherence", "coherence_iters", "support_search", "support_candidates", "spectral_bank",
-                        "spectral_max_dim", "fit_mean", "restarts", "final_steps")}
+                        "spectral_max_dim", "fit_mean", "restarts", "final_steps", "weight_aware_solver")}
     assert default.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
 
 
@@ -586,8 +667,9 @@ def test_weight_aware_move_settings_are_checked_and_enter_the_fingerprint_only_i
     assert GlobeConfig.from_dict(wa.replace(support_search=2).to_dict()) == wa.replace(support_search=2)
     # no effect in proxy mode, so no new fingerprint there; in weight-aware mode each setting counts
     assert proxy.replace(support_search=1, spectral_bank=True).fingerprint() == proxy.fingerprint()
+    assert proxy.replace(weight_aware_solver="cg").fingerprint() == proxy.fingerprint()
     for change in (dict(support_search=1), dict(support_candidates=2), dict(spectral_bank=True),
-                   dict(spectral_max_dim=100)):
+                   dict(spectral_max_dim=100), dict(weight_aware_solver="cg")):
         assert wa.replace(**change).fingerprint() != wa.fingerprint(), change
 
 

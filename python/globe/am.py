@@ -34,9 +34,17 @@ objective F = sum_i ||Z_i - A_i sum_j alpha_ij B_j||^2 (a monotone descent):
 * bank: the normal equations of F in B, [m r, m r] = sum_i (alpha_i alpha_iᵀ) ⊗ (A_iᵀ A_i) with right-hand
   side sum_i alpha_i ⊗ (A_iᵀ Z_i) [m r, d], assembled from each expert's support pairs only and solved by
   Cholesky with lam_B; accepted only if F did not increase. Memory is (m r)^2 numbers: 0.6 GB in fp32 at
-  m = 32, r = 384; beyond a few times that, use the proxy mode;
+  m = 32, r = 384, terabytes at the global scope of a real model;
 * adapters: as in step 4, accepted per expert only if F_i did not increase (the ridge could otherwise raise it
   by a hair).
+
+Where those dense systems would not fit in memory (``config.weight_aware_solver``: "auto" decides by the
+estimate of :func:`_weight_aware_solver`, "cg" always), the same steps run matrix-free (:class:`_WeightAwareFree`):
+each expert's quadratic is formed over a few candidate atoms only (its support, then the atoms of most negative
+gradient), and the bank's normal equations are solved by conjugate gradient warm-started at the current bank,
+preconditioned by each atom's r x r block; the largest tensors are then A_iᵀ Z_i [N, r, d] and chunks of the
+candidate atoms. On the synthetic suites both solvers give the same errors to four digits
+(``python bench/bench_trainer_options.py --sections solver``).
 
 Two further moves of the weight-aware mode (off by default: costly, and they pay off only on data with a sharply
 planted sparse structure; see GlobeConfig), each kept only where it lowers the objective (so F stays
@@ -353,6 +361,113 @@ class _WeightAware:
         ridge = lam * float(H.diagonal().mean().clamp_min(torch.finfo(H.dtype).tiny))
         H = H + ridge * torch.eye(m * r, dtype=H.dtype, device=H.device)
         return H, rhs
+
+
+_WA_CG_ITERS = 60  # conjugate-gradient iterations at most of the matrix-free bank step
+_WA_CG_TOL = 1e-5  # ... stopping at this relative residual (in the preconditioner's norm)
+_WA_CANDIDATE_ELEMS = 1 << 25  # numbers per chunk of the candidate atoms' [n, c, r, d] block
+
+
+class _WeightAwareFree(_WeightAware):
+    """The weight-aware steps without the dense systems (``weight_aware_solver="cg"``).
+
+    The dense steps hold the bank's row Gram and normal equations, (m r)^2 numbers, and an m x m quadratic per
+    expert: at the global scope of a real model (m in the thousands, r in the hundreds) that is terabytes. Here
+    the largest tensors are A_iᵀZ_i [N, r, d] and chunks of the candidate atoms [n, c, r, d]: the code step
+    restricts each expert's quadratic to c candidate atoms (its support, then the atoms of most negative
+    gradient, which the dense QP would move first), and the bank step solves the same normal equations by
+    conjugate gradient, every product one composition and one batched r x r product per expert, preconditioned
+    by each atom's diagonal block Σ_i α_ij² A_iᵀA_i (the spread of the adapters' singular values is what makes
+    the system ill-conditioned)."""
+
+    def _chunks(self, n: int):
+        for lo in range(0, n, _CHUNK):
+            yield slice(lo, min(n, lo + _CHUNK))
+
+    def objective_of(self, bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """F_i = ||Z_i||^2 - 2 <Y_i, B~_i> + <GA_i B~_i, B~_i> for every expert, float64, chunked."""
+        F = torch.empty(alpha.shape[0], dtype=torch.float64, device=alpha.device)
+        for sl in self._chunks(alpha.shape[0]):
+            U = ops.compose(bank, ops.to_sparse_codes(alpha[sl]))
+            F[sl] = self.zn[sl] + ((self.GA[sl] @ U - 2 * self.Y[sl]) * U).sum((1, 2), dtype=torch.float64)
+        return F
+
+    def gradient(self, bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """dF_i / dalpha_ij = 2 <B_j, GA_i B~_i - Y_i> [N, m], chunked over experts."""
+        m = bank.shape[0]
+        Bf = bank.reshape(m, -1)
+        g = torch.empty(alpha.shape[0], m, dtype=alpha.dtype, device=alpha.device)
+        for sl in self._chunks(alpha.shape[0]):
+            T = self.GA[sl] @ ops.compose(bank, ops.to_sparse_codes(alpha[sl])) - self.Y[sl]
+            g[sl] = 2 * (T.reshape(T.shape[0], -1) @ Bf.T)
+        return g
+
+    def candidate_quadratic(self, bank: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F_i restricted to the candidate atoms cand [N, c]: Q [N, c, c] with Q_i[a, b] = <B_a, GA_i B_b> and
+        c [N, c] with c_i[a] = <Y_i, B_a> (see :meth:`quadratic`), in chunks of experts."""
+        N, c = cand.shape
+        _, r, d = bank.shape
+        Q = torch.empty(N, c, c, dtype=bank.dtype, device=bank.device)
+        lin = torch.empty(N, c, dtype=bank.dtype, device=bank.device)
+        step = max(1, _WA_CANDIDATE_ELEMS // max(1, c * r * d))
+        for lo in range(0, N, step):
+            sl = slice(lo, min(N, lo + step))
+            Bc = bank[cand[sl]]  # [n, c, r, d]
+            n = Bc.shape[0]
+            GB = (self.GA[sl, None] @ Bc).reshape(n, c, -1)
+            Bc = Bc.reshape(n, c, -1)
+            Q[sl] = Bc @ GB.transpose(1, 2)
+            lin[sl] = (Bc @ self.Y[sl].reshape(n, -1, 1)).squeeze(2)
+        return (Q + Q.transpose(1, 2)) / 2, lin
+
+    def bank_solve(self, alpha: torch.Tensor, sel: torch.Tensor, lam: float,
+                   bank0: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The bank step's normal equations (see :meth:`_WeightAware.bank_system`, same ridge) over the experts
+        sel, solved by block-Jacobi preconditioned conjugate gradient from bank0. Returns (bank, info)."""
+        a, GA, Y = alpha[sel], self.GA[sel], self.Y[sel]
+        n = a.shape[0]
+        m, r, d = bank0.shape
+        rhs = torch.zeros(m, r * d, dtype=bank0.dtype, device=bank0.device)
+        for sl in self._chunks(n):
+            rhs += a[sl].T @ Y[sl].reshape(Y[sl].shape[0], -1)
+        rhs = rhs.reshape(m, r, d)
+        diag = float((a.double().pow(2).sum(1) * GA.diagonal(dim1=1, dim2=2).double().sum(1)).sum()) / (m * r)
+        ridge = lam * max(diag, float(torch.finfo(bank0.dtype).tiny))
+        eye = torch.eye(r, dtype=torch.float64, device=bank0.device)
+        blocks = torch.einsum("ij,iab->jab", a.double().pow(2), GA.double()) + ridge * eye
+        pre = torch.cholesky_inverse(torch.linalg.cholesky(blocks)).to(bank0.dtype)
+        chunks = [(sl, ops.to_sparse_codes(a[sl])) for sl in self._chunks(n)]  # supports only: a gather each
+
+        def apply(V: torch.Tensor) -> torch.Tensor:
+            out = ridge * V
+            for sl, codes in chunks:
+                X = GA[sl] @ ops.compose(V, codes)
+                out += (a[sl].T @ X.reshape(X.shape[0], -1)).reshape(m, r, d)
+            return out
+
+        def dot(x: torch.Tensor, y: torch.Tensor) -> float:
+            return float((x * y).sum(dtype=torch.float64))
+
+        x = bank0.clone()
+        res = rhs - apply(x)
+        z = pre @ res
+        rz = dot(res, z)
+        rz0 = dot(rhs, pre @ rhs)
+        p, it = z, 0
+        while it < _WA_CG_ITERS and rz > (_WA_CG_TOL**2) * rz0:
+            Ap = apply(p)
+            pAp = dot(p, Ap)
+            if not pAp > 0:
+                break
+            step = rz / pAp
+            x += step * p
+            res -= step * Ap
+            z = pre @ res
+            rz_new = dot(res, z)
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+            it += 1
+        return x, {"bank_cg_iters": float(it), "bank_cg_residual": math.sqrt(max(rz, 0.0) / max(rz0, 1e-300))}
 
 
 # --- weight-aware moves: support search and the spectral bank ------------------------------------------------
@@ -677,12 +792,15 @@ def _device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _check_weight_aware_memory(N: int, m: int, r: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before any work, a weight-aware fit whose dense bank system cannot fit in memory.
-
-    The bank step assembles and factors the (m r) x (m r) normal equations (a few copies of it at once) and the
-    code step holds an m x m quadratic per expert; at global scope on a real model (m in the thousands, r in
-    the hundreds) that is terabytes. The limit is half the device's memory, or GLOBE_WEIGHT_AWARE_MAX_GB."""
+def _weight_aware_solver(cfg: GlobeConfig, N: int, m: int, r: int, device: torch.device,
+                         dtype: torch.dtype) -> str:
+    """"dense" or "cg": the solver of the weight-aware steps (``cfg.weight_aware_solver``), decided before any
+    work. The dense steps assemble and factor the (m r) x (m r) normal equations (a few copies of it at once)
+    and hold an m x m quadratic per expert; at global scope on a real model (m in the thousands, r in the
+    hundreds) that is terabytes. Their limit is half the device's memory, or GLOBE_WEIGHT_AWARE_MAX_GB: "auto"
+    takes "cg" beyond it, "dense" refuses the fit."""
+    if cfg.weight_aware_solver == "cg":
+        return "cg"
     item = torch.empty((), dtype=dtype).element_size()
     need = (3 * (m * r) ** 2 + 2 * N * m * m) * item
     env = os.environ.get(WEIGHT_AWARE_MAX_GB_ENV)
@@ -695,15 +813,18 @@ def _check_weight_aware_memory(N: int, m: int, r: int, device: torch.device, dty
     else:
         total = _device_memory_bytes(device)
         if total is None:
-            return
+            return "dense"
         limit, source = total // 2, f"half of the {device.type} memory, {total / 2**30:.0f} GiB"
-    if need > limit:
-        raise ConfigError(
-            f"GlobeConfig.weight_aware: the weight-aware steps need about {need / 2**30:.1f} GiB for m={m} atoms "
-            f"of r={r} rows over N={N} experts (a dense system of side m*r={m * r}), more than the "
-            f"{limit / 2**30:.1f} GiB allowed ({source}); use scope='layer', a smaller m or r, or the proxy mode "
-            "(weight_aware=False)"
-        )
+    if need <= limit:
+        return "dense"
+    if cfg.weight_aware_solver == "auto":
+        return "cg"
+    raise ConfigError(
+        f"GlobeConfig.weight_aware_solver: the dense weight-aware steps need about {need / 2**30:.1f} GiB for "
+        f"m={m} atoms of r={r} rows over N={N} experts (a dense system of side m*r={m * r}), more than the "
+        f"{limit / 2**30:.1f} GiB allowed ({source}); use weight_aware_solver='cg' or 'auto' (matrix-free), "
+        "scope='layer', a smaller m or r, or the proxy mode (weight_aware=False)"
+    )
 
 
 def _fit_restarts(
@@ -782,8 +903,13 @@ def fit_bank(
     W_orig = W if cfg.refine_steps else None  # the refinement works in the original scale
     N, p, d = W.shape
     r, m = cfg.resolve_r(p, d), cfg.resolve_m(N)
-    if cfg.weight_aware:
-        _check_weight_aware_memory(N, m, r, device, dtype)
+    solver = _weight_aware_solver(cfg, N, m, r, device, dtype) if cfg.weight_aware else None
+    if solver == "cg" and cfg.support_search > 0:
+        raise ConfigError(
+            f"GlobeConfig.support_search: the support search scores its candidates with the bank's dense row "
+            f"Gram ((m r)^2 numbers, m*r={m * r}), which the matrix-free weight-aware solver does not form; set "
+            "support_search=0 or weight_aware_solver='dense'"
+        )
     target = min(cfg.target_support, m)
     sweep = cfg.sweep_key(r, m)
     t_start = time.perf_counter()
@@ -964,12 +1090,26 @@ def fit_bank(
                 reseeded = len(slots)
             bank = new_bank
         else:
-            wa = _WeightAware(Z, A, zn)
-            Q, c = wa.quadratic(bank)
-            F_old = wa.objective(Q, c, alpha)
+            dense = solver == "dense"
+            wa = _WeightAware(Z, A, zn) if dense else _WeightAwareFree(Z, A, zn)
+            if dense:
+                Q, c = wa.quadratic(bank)
+                cand, a_cur = None, alpha
+            else:
+                # the quadratic over candidate atoms only: each expert's support, then the atoms of most
+                # negative gradient (those the QP over all atoms would move first)
+                grad_all = wa.gradient(bank, alpha)
+                support = alpha != 0
+                n_cand = min(m, int(support.sum(1).max()) + max(target, 4))
+                prio = torch.where(support, torch.full_like(grad_all, float("-inf")), grad_all)
+                cand = (-prio).topk(n_cand, dim=1).indices
+                del grad_all, prio
+                Q, c = wa.candidate_quadratic(bank, cand)
+                a_cur = alpha.gather(1, cand)
+            F_old = wa.objective(Q, c, a_cur)
             # 1. codes: the per-expert simplex QP from the current codes; the tempered entmax picks the
             # support; the QP again on that support; accepted per expert only if F_i did not increase
-            a_qp = wa.qp(Q, c, alpha, cfg.pg_iters, None)
+            a_qp = wa.qp(Q, c, a_cur, cfg.pg_iters, None)
             grad = 2 * ((Q @ a_qp[:, :, None]).squeeze(2) - c)
             a_sp, _, pruned = sparsify(
                 a_qp,
@@ -985,8 +1125,12 @@ def fit_bank(
             a_sp, _ = ops.prune_renorm(a_sp, cfg.eps)
             F_new = wa.objective(Q, c, a_sp)
             accept = F_new <= F_old
+            if cand is not None:
+                a_sp = torch.zeros_like(alpha).scatter_(1, cand, a_sp)
+                extra["code_candidates"] = n_cand
             alpha = torch.where(accept[:, None], a_sp, alpha)
             extra["codes_accepted"] = float(accept.double().mean())
+            extra["weight_aware_solver"] = solver
             # 2a. the spectral bank: every atom in one frame; kept only if the training objective drops. After
             # a rejection the next try waits twice as long as the last wait (1, 2, 4, ... steps), so a bank it
             # cannot improve costs O(log steps) tries; an acceptance resets the wait.
@@ -1005,24 +1149,32 @@ def fit_bank(
                     res_c, _ = _residuals(Z, A, ops.compose(bank, alpha), norm.scale)
                     if float(res_s[train].sum()) < float(res_c[train].sum()):
                         bank, alpha, A = s_bank, s_alpha, s_A
-                        wa = _WeightAware(Z, A, zn)
-                        Q, c = wa.quadratic(bank)
+                        wa = _WeightAware(Z, A, zn) if dense else _WeightAwareFree(Z, A, zn)
+                        if dense:
+                            Q, c = wa.quadratic(bank)
                         extra["spectral_accepted"] = 1.0
                         spectral_wait = 1
                 spectral_next = step + spectral_wait
             elif cfg.spectral_bank:
                 extra["spectral_tried"], extra["spectral_skipped"], extra["spectral_accepted"] = 0.0, 0.0, 0.0
             # 2. bank: normal equations of the true objective over the training experts
-            F_before = wa.objective(Q, c, alpha)
-            H, rhs = wa.bank_system(alpha, train.nonzero().flatten(), lam_B)
-            Bf, mod_fallback, Ldiag = _solve_spd(H, rhs)
-            extra["cond_mod"] = (
-                float((Ldiag.max() / Ldiag.min().clamp_min(1e-300)) ** 2) if Ldiag.numel() else float("inf")
-            )
-            new_bank = Bf.reshape(m, r, d)
+            if dense:
+                F_before = wa.objective(Q, c, alpha)
+                H, rhs = wa.bank_system(alpha, train.nonzero().flatten(), lam_B)
+                Bf, mod_fallback, Ldiag = _solve_spd(H, rhs)
+                extra["cond_mod"] = (
+                    float((Ldiag.max() / Ldiag.min().clamp_min(1e-300)) ** 2) if Ldiag.numel() else float("inf")
+                )
+                new_bank = Bf.reshape(m, r, d)
+                del H, rhs
+            else:
+                F_before = wa.objective_of(bank, alpha)
+                new_bank, cg_info = wa.bank_solve(alpha, train.nonzero().flatten(), lam_B, bank)
+                extra.update(cg_info)
+                mod_fallback = False
             unused = (alpha[train] != 0).sum(0) == 0
             new_bank[unused] = bank[unused]
-            F_after = wa.objective(*wa.quadratic(new_bank), alpha)
+            F_after = wa.objective(*wa.quadratic(new_bank), alpha) if dense else wa.objective_of(new_bank, alpha)
             bank_ok = float(F_after[train].sum()) <= float(F_before[train].sum())
             extra["bank_accepted"] = float(bank_ok)
             if bank_ok:

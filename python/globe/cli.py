@@ -197,6 +197,12 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
         None,
         "fit codes and bank against the true objective sum_i ||W_i - A_i sum_j alpha_ij B_j||^2",
     ),
+    "weight_aware_solver": (
+        ("--weight-aware-solver",),
+        None,
+        "weight-aware mode: dense (assembled (m r)^2 bank system), cg (matrix-free, for the global scope of a "
+        "real model) or auto (dense where it fits in memory)",
+    ),
     "refresh_targets": (
         ("--refresh-targets",),
         None,
@@ -289,6 +295,7 @@ def _choices(field_name: str) -> Sequence[str] | None:
         "sparsity": getattr(cm, "SPARSITIES", None),
         "phi": getattr(cm, "PHIS", None),
         "refine_method": getattr(cm, "REFINE_METHODS", None),
+        "weight_aware_solver": getattr(cm, "WEIGHT_AWARE_SOLVERS", None),
         "seeding": getattr(cm, "SEEDING_METHODS", None),
         "dtype": tuple(getattr(cm, "DTYPES", {})) or None,
     }

@@ -28,7 +28,8 @@ import torch
 
 from globe.errors import ConfigError
 
-__all__ = ["GlobeConfig", "R_PRESETS", "M_PRESETS", "SPARSITIES", "SCOPES", "PHIS", "REFINE_METHODS"]
+__all__ = ["GlobeConfig", "R_PRESETS", "M_PRESETS", "SPARSITIES", "SCOPES", "PHIS", "REFINE_METHODS",
+           "WEIGHT_AWARE_SOLVERS"]
 
 R_PRESETS = {"p/2": (1, 2), "3p/4": (3, 4), "p": (1, 1)}
 M_PRESETS = {"n/8": (1, 8), "n/4": (1, 4), "n/2": (1, 2)}
@@ -36,6 +37,7 @@ SPARSITIES = ("entmax15", "sparsemax", "entmax_bisect", "topk")
 SCOPES = ("global", "layer")
 PHIS = ("identity", "tanh", "silu")
 REFINE_METHODS = ("adam", "gn", "varpro", "varpro_gn", "auto")
+WEIGHT_AWARE_SOLVERS = ("auto", "dense", "cg")
 SEEDING_METHODS = ("ts_pca", "left_gram_pca", "svd", "spherical_kmeans", "residual_greedy")
 INITS = ("subspace", "kmeans")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -63,6 +65,13 @@ class GlobeConfig:
     relative error against 0.09 for the others, and at 0.11 with the final pass (bench/bench_trainer_options.py,
     section final). weight_aware: fit codes and bank
     against the true objective sum_i ||W_i - A_i sum_j alpha_ij B_j||^2 instead of the proxies.
+    weight_aware_solver: how the weight-aware steps are solved. "dense" assembles the bank's (m r) x (m r)
+    normal equations and every expert's m x m code quadratic (exact; memory grows with (m r)^2, so it refuses
+    a fit that would not fit in memory); "cg" never forms them: the bank step is a conjugate-gradient solve
+    of the same equations (products through the composition, preconditioned by each atom's r x r block) and
+    each code step restricts the quadratic to a few candidate atoms per expert (its support, then the atoms
+    of most negative gradient), so the global scope of a real model fits; "auto" (default) takes "dense"
+    where it fits in memory and "cg" elsewhere. The support search needs "dense".
     refresh_targets (proxy mode): after the first step, replace the fixed proxies by each expert's
     least-squares right factor given its current adapter, pinv(A_i) Z_i (fixes the per-expert gauge of the
     proxies). phi: the
@@ -150,6 +159,7 @@ class GlobeConfig:
     support_tol: float = 0.02
     val_fraction: float = 0.1
     weight_aware: bool = False
+    weight_aware_solver: str = "auto"
     refresh_targets: bool = True
     pg_iters: int = 100
     kmeans_iters: int = 20
@@ -268,6 +278,8 @@ class GlobeConfig:
         check_int("refine_steps", 0, allow_none=True)
         if self.refine_method not in REFINE_METHODS:
             raise bad("refine_method", f"must be one of {REFINE_METHODS}")
+        if self.weight_aware_solver not in WEIGHT_AWARE_SOLVERS:
+            raise bad("weight_aware_solver", f"must be one of {WEIGHT_AWARE_SOLVERS}")
         if self.refine_lr is not None:
             check_float("refine_lr", 0.0, strict=True)
         if self.refine_time_limit is not None:
@@ -367,9 +379,10 @@ class GlobeConfig:
 
 # fields added after the first release: left out of the fingerprint while at their defaults
 _LATER_FIELDS = ("budget", "refine_steps", "refine_method", "refine_lr", "refine_time_limit", "coherence",
-                 "coherence_iters", "fit_mean", "restarts", "final_steps")
+                 "coherence_iters", "fit_mean", "restarts", "final_steps", "weight_aware_solver")
 # fields that act only in the weight-aware mode: left out of the fingerprint without it
-_WEIGHT_AWARE_FIELDS = ("support_search", "support_candidates", "spectral_bank", "spectral_max_dim", "fit_mean")
+_WEIGHT_AWARE_FIELDS = ("support_search", "support_candidates", "spectral_bank", "spectral_max_dim", "fit_mean",
+                        "weight_aware_solver")
 _LATER_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(GlobeConfig) if f.name in _LATER_FIELDS
 }
