@@ -3,8 +3,8 @@
 #
 #   bench/gpu.sh OUTDIR [STEP ...]
 #
-# STEP: any of env tests bench_ops bench_cholesky bench_decode bench_am bench_refine (default: all, in that order; env always
-# runs). Each step is cut off after STEP_TIMEOUT seconds (default 900; TIMEOUT_<step> for one step) so one
+# STEP: any of env tests bench_ops bench_cholesky bench_decode bench_am bench_am_global bench_refine (default: all,
+# in that order; env always runs). Each step is cut off after STEP_TIMEOUT seconds (default 900; TIMEOUT_<step> for one step) so one
 # hang cannot eat the others.
 #
 # Run from anywhere on a CUDA machine with the project's environment (PYTHON=/path/to/python to choose the
@@ -19,7 +19,9 @@
 #   3. the batched Cholesky sweep on CUDA (bench/bench_cholesky.py --device cuda);
 #   4. decode throughput of a patched model (bench/bench_decode.py);
 #   5. seconds per AM step of the trainer at one Qwen3-30B-A3B layer's shapes (bench/bench_am.py), proxy and
-#      weight-aware mode;
+#      weight-aware mode (dense and matrix-free solvers);
+#   5b. the same over one global bank of 8 such layers (1024 experts, m = 256), where the dense weight-aware
+#      system (side m r = 98304) is refused and the matrix-free solver runs;
 #   6. milliseconds per refinement step at one Qwen3-30B-A3B layer's shapes (128 experts of 768 x 2048, m = 32,
 #      r = 192 and 384; bench/bench_refine.py --step-time --device cuda): joint Adam, varpro, a varpro_gn
 #      iteration.
@@ -35,7 +37,7 @@ if [ $# -lt 1 ]; then
 fi
 OUT=$1
 shift
-ALL_STEPS="tests bench_ops bench_cholesky bench_decode bench_am bench_refine"
+ALL_STEPS="tests bench_ops bench_cholesky bench_decode bench_am bench_am_global bench_refine"
 WANT=" ${*:-$ALL_STEPS} "
 for s in $WANT; do
     case " $ALL_STEPS " in *" $s "*) ;; *) echo "unknown step $s (steps: $ALL_STEPS)" >&2; exit 2 ;; esac
@@ -58,6 +60,7 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     CHOL_ARGS=(--device cuda --reps 7)
     DECODE_ARGS=(--device cuda --dtype bfloat16 --shape qwen3-medium)
     AM_ARGS=(--device cuda --steps 3 --weight-aware)
+    AM_GLOBAL_ARGS=(--device cuda --steps 2 --weight-aware --layers 8 --solvers dense,cg)
     REFINE_ARGS=(--step-time --device cuda --step-shape 128,768,2048,32 --step-ranks 192 384 --step-reps 5)
 else
     CUDA=0
@@ -65,6 +68,7 @@ else
     CHOL_ARGS=(--device cpu --reps 3 --threads 2 --r 8 64)
     DECODE_ARGS=(--device cpu --repeats 1)
     AM_ARGS=(--device cpu --small --steps 2)
+    AM_GLOBAL_ARGS=(--device cpu --small --steps 1 --weight-aware --layers 2 --solvers dense,cg)
     REFINE_ARGS=(--step-time --device cpu --step-shape 32,48,96,8 --step-ranks 16 24 --step-reps 2 --step-count 10)
     echo "no CUDA device: dry run on CPU (small shapes)" >&2
 fi
@@ -119,6 +123,8 @@ step bench_cholesky "$PY" bench/bench_cholesky.py "${CHOL_ARGS[@]}"
 step bench_decode "$PY" bench/bench_decode.py "${DECODE_ARGS[@]}"
 
 step bench_am "$PY" bench/bench_am.py "${AM_ARGS[@]}"
+
+step bench_am_global "$PY" bench/bench_am.py "${AM_GLOBAL_ARGS[@]}"
 
 step bench_refine "$PY" bench/bench_refine.py "${REFINE_ARGS[@]}"
 
@@ -184,6 +190,12 @@ TESTLINE=$(grep -E "(passed|failed|error|skipped)" "$OUT/tests.log" 2>/dev/null 
         echo "## AM step time (bench/bench_am.py ${AM_ARGS[*]})"
         echo
         grep -E "^\||^# bench_am" "$OUT/bench_am.log" 2>/dev/null || tail -n 30 "$OUT/bench_am.log"
+    fi
+    if [ -n "${STATUS[bench_am_global]+x}" ]; then
+        echo
+        echo "## AM step time, one global bank (bench/bench_am.py ${AM_GLOBAL_ARGS[*]})"
+        echo
+        grep -E "^\||^# bench_am" "$OUT/bench_am_global.log" 2>/dev/null || tail -n 30 "$OUT/bench_am_global.log"
     fi
     if [ -n "${STATUS[bench_refine]+x}" ]; then
         echo
