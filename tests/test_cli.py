@@ -577,7 +577,7 @@ def test_compress_with_a_budget_end_to_end(checkpoint, tmp_path):
     assert json.loads((out / "compress_config.json").read_text())["budget"] == 0.5
 
 
-@pytest.mark.parametrize("mode", ["proxy", "weight_aware", "weight_aware_topk"])
+@pytest.mark.parametrize("mode", ["proxy", "weight_aware", "weight_aware_topk", "weight_aware_cg"])
 def test_a_budget_bounds_what_the_artifact_stores(checkpoint, tmp_path, mode):
     """Codes count as the values and indices of their non-zeros. The target support is a median (a code may
     hold more atoms), so the search counts m slots per expert; top_k is a cap, so it counts top_k. Counting
@@ -587,7 +587,8 @@ def test_a_budget_bounds_what_the_artifact_stores(checkpoint, tmp_path, mode):
 
     out = tmp_path / mode
     extra = {"proxy": [], "weight_aware": ["--weight-aware"],
-             "weight_aware_topk": ["--weight-aware", "--sparsity", "topk", "--top-k", "1"]}[mode]
+             "weight_aware_topk": ["--weight-aware", "--sparsity", "topk", "--top-k", "1"],
+             "weight_aware_cg": ["--weight-aware", "--weight-aware-solver", "cg"]}[mode]
     run_cli("compress", checkpoint, "-o", out, "--budget", "0.3", "--steps", "3", "--target-support", "1",
             *extra, "-q")
     art = load_artifact(out)
@@ -596,6 +597,7 @@ def test_a_budget_bounds_what_the_artifact_stores(checkpoint, tmp_path, mode):
     assert params["bank_mode"] <= len(art.families) * chosen["params"]
     assert params["bank_mode"] / params["dense"] <= chosen["param_fraction"] <= 0.3
     assert chosen["k"] == (1 if mode == "weight_aware_topk" else chosen["m"])
+    assert art.config["weight_aware_solver"] == ("cg" if mode == "weight_aware_cg" else "auto")
 
 
 def test_refinement_and_coherence_options_reach_the_config(tmp_path, capsys):
@@ -610,7 +612,7 @@ def test_refinement_and_coherence_options_reach_the_config(tmp_path, capsys):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for fragment in ("--budget F", "--refine-steps N", "--refine-method {adam,gn,varpro,varpro_gn,auto}",
-                     "--coherence MU",
+                     "--coherence MU", "--weight-aware-solver {auto,dense,cg}",
                      "required for --phi tanh or silu"):
         assert fragment in text, fragment
 
