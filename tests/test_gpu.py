@@ -130,15 +130,10 @@ def test_weight_aware_solvers_agree_on_the_device():
     # the matrix-free weight-aware steps (candidate quadratics, CG bank solve, the device's composition) against
     # the dense ones, on CUDA tensors throughout; float64 so that the difference is the solvers', not TF32's
     from globe import GlobeConfig, fit_bank
+    from test_am import planted
 
-    g = torch.Generator().manual_seed(5)
-    N, p, d, r, m = 48, 17, 40, 6, 16
-    bank = torch.randn(m, r, d, generator=g, dtype=torch.float64)
-    codes = torch.zeros(N, m, dtype=torch.float64)
-    for i in range(N):
-        codes[i, torch.randperm(m, generator=g)[:2]] = 0.5
-    W = torch.randn(N, p, r, generator=g, dtype=torch.float64) @ torch.einsum("nm,mrd->nrd", codes, bank)
-    W += 0.1 * W.std() * torch.randn(N, p, d, generator=g, dtype=torch.float64)
+    r, m = 6, 16
+    W = planted(N=48, p=17, d=40, r=r, m=m, support=2, noise=0.1, seed=5)[0].double()
     cfg = dict(r=r, m=m, target_support=2, weight_aware=True, center=False, steps=6, patience=100,
                val_fraction=0.0, dtype="float64", device="cuda")
     dense = fit_bank(W, GlobeConfig(**cfg, weight_aware_solver="dense"))
