@@ -434,7 +434,8 @@ class _WeightAwareFree(_WeightAware):
         diag = float((a.double().pow(2).sum(1) * GA.diagonal(dim1=1, dim2=2).double().sum(1)).sum()) / (m * r)
         ridge = lam * max(diag, float(torch.finfo(bank0.dtype).tiny))
         eye = torch.eye(r, dtype=torch.float64, device=bank0.device)
-        blocks = torch.einsum("ij,iab->jab", a.double().pow(2), GA.double()) + ridge * eye
+        # summed in the working precision (no float64 copy of GA [N, r, r]), factored in float64
+        blocks = torch.einsum("ij,iab->jab", a.pow(2), GA).double() + ridge * eye
         pre = torch.cholesky_inverse(torch.linalg.cholesky(blocks)).to(bank0.dtype)
         chunks = [(sl, ops.to_sparse_codes(a[sl])) for sl in self._chunks(n)]  # supports only: a gather each
 
