@@ -307,13 +307,14 @@ def test_spectral_bank_recovers_a_planted_bank_in_one_common_frame():
     assert _spectral_bank(codes, row_bases(Z), r, max_dim=(m - 1) * d - 1) is None
 
 
-@pytest.mark.parametrize("weight_aware", [False, True])
-def test_topk_caps_support(weight_aware):
+@pytest.mark.parametrize("weight_aware,solver", [(False, "auto"), (True, "dense"), (True, "cg")])
+def test_topk_caps_support(weight_aware, solver):
     # the initial codes too: the weight-aware code steps are accepted only where they lower the objective (before
     # the initial codes were capped, this weight-aware fit kept codes of up to 7 atoms), and step 0 may be the
     # state returned
     W, _ = planted(N=24, m=8, support=3, seed=4)
-    fit = fit_bank(W, GlobeConfig(r=6, m=8, sparsity="topk", top_k=2, steps=5, weight_aware=weight_aware))
+    fit = fit_bank(W, GlobeConfig(r=6, m=8, sparsity="topk", top_k=2, steps=5, weight_aware=weight_aware,
+                                  weight_aware_solver=solver))
     assert all(h["support_max"] <= 2 for h in fit.history)
     assert int((fit.alpha != 0).sum(1).max()) <= 2
 

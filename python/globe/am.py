@@ -1101,7 +1101,7 @@ def fit_bank(
                 # negative gradient (those the QP over all atoms would move first)
                 grad_all = wa.gradient(bank, alpha)
                 support = alpha != 0
-                n_cand = min(m, int(support.sum(1).max()) + max(target, 4))
+                n_cand = min(m, max(int(support.sum(1).max()) + max(target, 4), cfg.top_k or 0))
                 prio = torch.where(support, torch.full_like(grad_all, float("-inf")), grad_all)
                 cand = (-prio).topk(n_cand, dim=1).indices
                 del grad_all, prio
