@@ -377,6 +377,34 @@ def test_weight_aware_fit_too_large_for_memory_goes_matrix_free_or_is_refused_be
         GlobeConfig(weight_aware_solver="lu")
 
 
+def test_refinement_that_cannot_fit_is_refused_before_any_work(monkeypatch):
+    from globe.am import _check_refine_memory
+    from globe.refine import refine_memory_bytes
+
+    cfg = GlobeConfig(refine_steps=10)
+    monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "141")  # an H200
+    # Qwen3-30B-A3B at global scope (48 x 128 experts of 768 x 2048, r = 384): hundreds of GiB; one layer fits
+    with pytest.raises(ConfigError, match=r"GlobeConfig\.refine_steps: .*N=6144 .*r=384 .*scope='layer'"):
+        _check_refine_memory(cfg, 6144, 768, 2048, 384, torch.device("cpu"), torch.float32)
+    _check_refine_memory(cfg, 128, 768, 2048, 384, torch.device("cpu"), torch.float32)
+    sizes = (128, 768, 2048, 384)
+    assert refine_memory_bytes(*sizes, "auto") == max(refine_memory_bytes(*sizes, m) for m in ("varpro", "varpro_gn"))
+    assert refine_memory_bytes(*sizes, "varpro", torch.float64) == 2 * refine_memory_bytes(*sizes, "varpro")
+    with pytest.raises(ValueError, match="unknown refinement method"):
+        refine_memory_bytes(*sizes, "lbfgs")
+    # refused by fit_bank before the first record (the AM would otherwise run to completion first)
+    W, _ = planted(N=16, seed=2)
+    monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "1e-5")
+    records = []
+    with pytest.raises(ConfigError, match="GLOBE_REFINE_MAX_GB=1e-5"):
+        fit_bank(W, GlobeConfig(r=6, m=4, steps=1, refine_steps=3), callback=records.append)
+    assert records == []
+    with pytest.raises(ConfigError, match="GLOBE_REFINE_MAX_GB=1e-5"):  # before the restarts, too
+        fit_bank(W, GlobeConfig(r=6, m=4, steps=1, refine_steps=3, restarts=2), callback=records.append)
+    assert records == []
+    fit_bank(W, GlobeConfig(r=6, m=4, steps=1))  # without the refinement: not limited
+
+
 def _weight_aware_problem(N=13, p=9, d=11, r=5, m=7, seed=0):
     """Random experts, adapters, bank and sparse simplex codes in float64 (odd sizes)."""
     g = torch.Generator().manual_seed(seed)

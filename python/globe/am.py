@@ -779,6 +779,7 @@ def _initial_state(
 
 
 WEIGHT_AWARE_MAX_GB_ENV = "GLOBE_WEIGHT_AWARE_MAX_GB"
+REFINE_MAX_GB_ENV = "GLOBE_REFINE_MAX_GB"
 
 
 def _device_memory_bytes(device: torch.device) -> int | None:
@@ -793,6 +794,42 @@ def _device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def _memory_limit(env_name: str, device: torch.device, divisor: int) -> tuple[int, str] | None:
+    """(bytes, where the figure comes from): the environment variable env_name in GiB when set, else the
+    device's memory divided by divisor; None when neither is known."""
+    env = os.environ.get(env_name)
+    if env:
+        try:
+            return int(float(env) * 2**30), f"{env_name}={env}"
+        except ValueError:
+            raise ConfigError(f"{env_name}={env!r}: expected a number of GiB") from None
+    total = _device_memory_bytes(device)
+    if total is None:
+        return None
+    share = "" if divisor == 1 else "half of " if divisor == 2 else f"1/{divisor} of "
+    return total // divisor, f"{share}the {device.type} memory, {total / 2**30:.0f} GiB"
+
+
+def _check_refine_memory(cfg: GlobeConfig, N: int, p: int, d: int, r: int, device: torch.device,
+                         dtype: torch.dtype) -> None:
+    """Refuse, before any work, a refinement that cannot fit in the device's memory (or GLOBE_REFINE_MAX_GB):
+    it runs after the whole AM, so running out of memory there would throw the AM away. During it fit_bank
+    holds the experts twice (original scale and normalised) besides the refinement's own working memory,
+    :func:`globe.refine.refine_memory_bytes` (measured: bench/bench_refine_memory.py)."""
+    from globe.refine import refine_memory_bytes
+
+    item = torch.empty((), dtype=dtype).element_size()
+    need = 2 * N * p * d * item + refine_memory_bytes(N, p, d, r, cfg.refine_method, dtype)
+    known = _memory_limit(REFINE_MAX_GB_ENV, device, 1)
+    if known is None or need <= known[0]:
+        return
+    raise ConfigError(
+        f"GlobeConfig.refine_steps: the refinement ({cfg.refine_method}) of N={N} experts of {p} x {d} at r={r} "
+        f"needs about {need / 2**30:.1f} GiB, more than the {known[0] / 2**30:.1f} GiB of {known[1]}; use "
+        "scope='layer', a smaller r, or refine_steps=0 (no refinement)"
+    )
+
+
 def _weight_aware_solver(cfg: GlobeConfig, N: int, m: int, r: int, device: torch.device,
                          dtype: torch.dtype) -> str:
     """"dense" or "cg": the solver of the weight-aware steps (``cfg.weight_aware_solver``), decided before any
@@ -804,18 +841,10 @@ def _weight_aware_solver(cfg: GlobeConfig, N: int, m: int, r: int, device: torch
         return "cg"
     item = torch.empty((), dtype=dtype).element_size()
     need = (3 * (m * r) ** 2 + 2 * N * m * m) * item
-    env = os.environ.get(WEIGHT_AWARE_MAX_GB_ENV)
-    if env:
-        try:
-            limit = int(float(env) * 2**30)
-        except ValueError:
-            raise ConfigError(f"{WEIGHT_AWARE_MAX_GB_ENV}={env!r}: expected a number of GiB") from None
-        source = f"{WEIGHT_AWARE_MAX_GB_ENV}={env}"
-    else:
-        total = _device_memory_bytes(device)
-        if total is None:
-            return "dense"
-        limit, source = total // 2, f"half of the {device.type} memory, {total / 2**30:.0f} GiB"
+    known = _memory_limit(WEIGHT_AWARE_MAX_GB_ENV, device, 2)
+    if known is None:
+        return "dense"
+    limit, source = known
     if need <= limit:
         return "dense"
     if cfg.weight_aware_solver == "auto":
@@ -840,6 +869,8 @@ def _fit_restarts(
         seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (cfg.restarts,), generator=generator)]
     else:
         seeds = [cfg.seed + i for i in range(cfg.restarts)]
+    if cfg.refine_steps and W.dim() == 3:  # before the restarts, not after them
+        _check_refine_memory(cfg, *W.shape, cfg.resolve_r(*W.shape[1:]), torch.device(cfg.device), cfg.torch_dtype)
     best: FitResult | None = None
     scores = []
     t0 = time.perf_counter()
@@ -905,6 +936,8 @@ def fit_bank(
     N, p, d = W.shape
     r, m = cfg.resolve_r(p, d), cfg.resolve_m(N)
     solver = _weight_aware_solver(cfg, N, m, r, device, dtype) if cfg.weight_aware else None
+    if cfg.refine_steps:
+        _check_refine_memory(cfg, N, p, d, r, device, dtype)
     if solver == "cg" and cfg.support_search > 0:
         raise ConfigError(
             f"GlobeConfig.support_search: the support search scores its candidates with the bank's dense row "

@@ -100,6 +100,7 @@ __all__ = [
     "DEFAULT_LR",
     "SECOND_ORDER_METHODS",
     "auto_method",
+    "refine_memory_bytes",
 ]
 
 METHODS = ("gn", "adam", "varpro", "varpro_gn", "auto")
@@ -109,6 +110,11 @@ SECOND_ORDER_METHODS = ("gn", "varpro_gn")
 DEFAULT_LR = {"gn": 0.01, "adam": 0.1, "varpro": 0.1, "varpro_gn": 0.01}
 # "auto" takes varpro_gn above this median condition number of A_iᵀA_i, varpro below (see auto_method)
 AUTO_KAPPA = 1e4
+# peak working memory of refine() beyond its inputs: (multiples of W [N, p, d], of one [N, r, d] tensor), the
+# least-squares fits of bench/bench_refine_memory.py (CPU, N 256 and 512, p=96, d=384, r 32-95) rounded up:
+# varpro_gn 3.27 / 5.52, varpro 3.85 / 3.65, adam 3.80 / 3.76; gn's fit is noisy (its code step also holds
+# fixed-size chunks, about 0.2 GB), so it takes varpro_gn's bank term and its own larger W term
+REFINE_MEMORY = {"varpro_gn": (3.5, 6.0), "gn": (5.0, 6.0), "varpro": (4.0, 4.0), "adam": (4.0, 4.0)}
 # initial bank rescale for a nonlinear φ: None keeps the bank; a number is the target RMS of the mixture
 _GAINS = (None, 0.05, 0.25, 0.5, 1.0, 2.0)
 
@@ -275,6 +281,16 @@ def _perp(Bt: torch.Tensor, lam: float) -> Callable[[torch.Tensor], torch.Tensor
         return X - (X @ BtT) @ GiB
 
     return perp
+
+
+def refine_memory_bytes(N: int, p: int, d: int, r: int, method: str, dtype: torch.dtype = torch.float32) -> int:
+    """Estimated peak working memory of :func:`refine` over N experts of p x d at inner dimension r, beyond its
+    inputs (:data:`REFINE_MEMORY`; "auto" counts the larger of its two methods)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown refinement method {method!r}; methods: {METHODS}")
+    item = torch.empty((), dtype=dtype).element_size()
+    names = ("varpro_gn", "varpro") if method == "auto" else (method,)
+    return int(max(a * N * p * d + b * N * r * d for a, b in (REFINE_MEMORY[n] for n in names)) * item)
 
 
 def auto_method(A: torch.Tensor, sample: int = 64) -> tuple[str, float]:
