@@ -189,9 +189,17 @@ def _mix(bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return ops.compose(bank, alpha, "identity", bank.dtype)
 
 
+_ERROR_CHUNK = 256  # experts per chunk of the per-expert errors: no [N, p, d] temporaries
+
+
 def _per_expert(Z: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
-    """F_i = ||Z_i - A_i B~_i||² [N] in float64."""
-    return (Z - A @ Bt).pow(2).sum(dim=(1, 2), dtype=torch.float64)
+    """F_i = ||Z_i - A_i B~_i||² [N] in float64, in chunks of experts (the residual is as large as the experts)."""
+    F = torch.empty(Z.shape[0], dtype=torch.float64, device=Z.device)
+    for lo in range(0, Z.shape[0], _ERROR_CHUNK):
+        hi = lo + _ERROR_CHUNK
+        F[lo:hi] = torch.baddbmm(Z[lo:hi], A[lo:hi], Bt[lo:hi], alpha=-1.0).pow_(2).sum(dim=(1, 2),
+                                                                                        dtype=torch.float64)
+    return F
 
 
 def objective(Z: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor,
