@@ -134,7 +134,7 @@ def moves(args) -> None:
 
 
 def solver(args) -> None:
-    from globe.am import _weight_aware_solver
+    from globe.am import _weight_aware_solver, dense_weight_aware_bytes
 
     print("\n### Weight-aware solver: dense against matrix-free, budget 0.5, global (r=95, m=12), 6 steps\n")
     print("| suite | solver | error | seconds | CG iterations per bank step (median) |")
@@ -152,7 +152,7 @@ def solver(args) -> None:
     W = make_suite("lowrank_noise", L=L, n=n)
     Wg = W.reshape(-1, *W.shape[2:])
     N, p, d = Wg.shape
-    dense_gb = (3 * (m * r) ** 2 + 2 * N * m * m) * 4 / 2**30
+    dense_gb = dense_weight_aware_bytes(N, m, r) / 2**30
     chosen = _weight_aware_solver(GlobeConfig(weight_aware=True), N, m, r, torch.device("cpu"), torch.float32)
     print(f"\nA bank the dense solver refuses: lowrank_noise, {L} x {n} experts (p={p}, d={d}), global, r={r}, "
           f"m={m}, 4 steps; the dense steps would need about {dense_gb:.1f} GB (auto chooses {chosen!r} here)\n")

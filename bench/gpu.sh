@@ -129,6 +129,15 @@ step bench_am_global "$PY" bench/bench_am.py "${AM_GLOBAL_ARGS[@]}"
 step bench_refine "$PY" bench/bench_refine.py "${REFINE_ARGS[@]}"
 
 # ---- the summary ------------------------------------------------------------------------------------------
+# section STEP TITLE PATTERN: a step that ran, as a heading and its log's lines matching PATTERN (its tail when
+# none match)
+section() {
+    [ -n "${STATUS[$1]+x}" ] || return 0
+    echo
+    echo "## $2"
+    echo
+    grep -E "$3" "$OUT/$1.log" 2>/dev/null || tail -n 30 "$OUT/$1.log"
+}
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
 [ -n "$GPU" ] || GPU=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" 2>/dev/null)
 VERSIONS=$("$PY" -c "
@@ -179,30 +188,11 @@ TESTLINE=$(grep -E "(passed|failed|error|skipped)" "$OUT/tests.log" 2>/dev/null 
         echo
         sed -n '/^## Batched/,$p' "$OUT/bench_cholesky.log" 2>/dev/null | tail -n +2
     fi
-    if [ -n "${STATUS[bench_decode]+x}" ]; then
-        echo
-        echo "## Decode throughput (bench/bench_decode.py ${DECODE_ARGS[*]})"
-        echo
-        grep -E "^\||^#" "$OUT/bench_decode.log" 2>/dev/null || tail -n 30 "$OUT/bench_decode.log"
-    fi
-    if [ -n "${STATUS[bench_am]+x}" ]; then
-        echo
-        echo "## AM step time (bench/bench_am.py ${AM_ARGS[*]})"
-        echo
-        grep -E "^\||^# bench_am" "$OUT/bench_am.log" 2>/dev/null || tail -n 30 "$OUT/bench_am.log"
-    fi
-    if [ -n "${STATUS[bench_am_global]+x}" ]; then
-        echo
-        echo "## AM step time, one global bank (bench/bench_am.py ${AM_GLOBAL_ARGS[*]})"
-        echo
-        grep -E "^\||^# bench_am" "$OUT/bench_am_global.log" 2>/dev/null || tail -n 30 "$OUT/bench_am_global.log"
-    fi
-    if [ -n "${STATUS[bench_refine]+x}" ]; then
-        echo
-        echo "## Refinement step time (bench/bench_refine.py ${REFINE_ARGS[*]})"
-        echo
-        grep -E "^\||^###" "$OUT/bench_refine.log" 2>/dev/null || tail -n 30 "$OUT/bench_refine.log"
-    fi
+    section bench_decode "Decode throughput (bench/bench_decode.py ${DECODE_ARGS[*]})" "^\||^#"
+    section bench_am "AM step time (bench/bench_am.py ${AM_ARGS[*]})" "^\||^# bench_am"
+    section bench_am_global "AM step time, one global bank (bench/bench_am.py ${AM_GLOBAL_ARGS[*]})" \
+        "^\||^# bench_am"
+    section bench_refine "Refinement step time (bench/bench_refine.py ${REFINE_ARGS[*]})" "^\||^###"
 } >"$OUT/RESULTS_gpu.md"
 
 echo "wrote $OUT/RESULTS_gpu.md" >&2

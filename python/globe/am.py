@@ -43,7 +43,7 @@ estimate of :func:`_weight_aware_solver`, "cg" always), the same steps run matri
 each expert's quadratic is formed over a few candidate atoms only (its support, then the atoms of most negative
 gradient), and the bank's normal equations are solved by conjugate gradient warm-started at the current bank,
 preconditioned by each atom's r x r block; the largest tensors are then A_iᵀ Z_i [N, r, d] and chunks of the
-candidate atoms. On the synthetic suites both solvers give the same errors to four digits
+candidate atoms. On the synthetic suites both solvers give the same errors to three or four digits
 (``python bench/bench_trainer_options.py --sections solver``).
 
 Two further moves of the weight-aware mode (off by default: costly, and they pay off only on data with a sharply
@@ -830,6 +830,12 @@ def _check_refine_memory(cfg: GlobeConfig, N: int, p: int, d: int, r: int, devic
     )
 
 
+def dense_weight_aware_bytes(N: int, m: int, r: int, dtype: torch.dtype = torch.float32) -> int:
+    """Memory the dense weight-aware steps plan for: a few copies of the (m r) x (m r) bank system and an m x m
+    code quadratic per expert."""
+    return (3 * (m * r) ** 2 + 2 * N * m * m) * torch.empty((), dtype=dtype).element_size()
+
+
 def _weight_aware_solver(cfg: GlobeConfig, N: int, m: int, r: int, device: torch.device,
                          dtype: torch.dtype) -> str:
     """"dense" or "cg": the solver of the weight-aware steps (``cfg.weight_aware_solver``), decided before any
@@ -839,8 +845,7 @@ def _weight_aware_solver(cfg: GlobeConfig, N: int, m: int, r: int, device: torch
     takes "cg" beyond it, "dense" refuses the fit."""
     if cfg.weight_aware_solver == "cg":
         return "cg"
-    item = torch.empty((), dtype=dtype).element_size()
-    need = (3 * (m * r) ** 2 + 2 * N * m * m) * item
+    need = dense_weight_aware_bytes(N, m, r, dtype)
     known = _memory_limit(WEIGHT_AWARE_MAX_GB_ENV, device, 2)
     if known is None:
         return "dense"
