@@ -377,19 +377,33 @@ def test_weight_aware_fit_too_large_for_memory_goes_matrix_free_or_is_refused_be
         GlobeConfig(weight_aware_solver="lu")
 
 
-def test_refinement_that_cannot_fit_is_refused_before_any_work(monkeypatch):
-    from globe.am import _check_refine_memory
-    from globe.refine import refine_memory_bytes
+def test_refinement_is_chunked_where_it_must_and_refused_where_it_cannot_fit(monkeypatch):
+    from globe.am import refine_plan
+    from globe.refine import plan_refine_chunks, refine_memory_bytes
 
     cfg = GlobeConfig(refine_steps=10)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    # Qwen3-30B-A3B at global scope (48 x 128 experts of 768 x 2048, r = 384, m = 1536): about 280 GiB all at
+    # once besides the experts (three fp32 copies, 108 GiB); in chunks of experts it needs about 72 GiB more
     monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "141")  # an H200
-    # Qwen3-30B-A3B at global scope (48 x 128 experts of 768 x 2048, r = 384): hundreds of GiB; one layer fits
-    with pytest.raises(ConfigError, match=r"GlobeConfig\.refine_steps: .*N=6144 .*r=384 .*scope='layer'"):
-        _check_refine_memory(cfg, 6144, 768, 2048, 384, torch.device("cpu"), torch.float32)
-    _check_refine_memory(cfg, 128, 768, 2048, 384, torch.device("cpu"), torch.float32)
+    with pytest.raises(ConfigError, match=r"GlobeConfig\.refine_steps: .*N=6144 .*r=384.*one expert at a time"
+                                          r".*GLOBE_REFINE_MAX_GB=141.*scope='layer'"):
+        refine_plan(cfg, 6144, 768, 2048, 384, 1536, cpu, f32)
+    assert refine_plan(cfg, 128, 768, 2048, 384, 32, cpu, f32) == (None, True)  # one layer: all at once
+    monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "200")
+    chunk, cache = refine_plan(cfg, 6144, 768, 2048, 384, 1536, cpu, f32)
+    assert 1 <= chunk < 6144 and not cache  # the factors' cache (about 54 GiB) does not fit beside the chunks
+    left = 200 * 2**30 - 3 * 6144 * 768 * 2048 * 4
+    assert refine_memory_bytes(6144, 768, 2048, 384, "auto", m=1536, chunk=chunk, cache=False) <= left
+    assert refine_memory_bytes(6144, 768, 2048, 384, "auto", m=1536, chunk=chunk + 1, cache=False) > left
+    monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "250")
+    chunk, cache = refine_plan(cfg, 6144, 768, 2048, 384, 1536, cpu, f32)
+    assert 1 <= chunk < 6144 and cache
     sizes = (128, 768, 2048, 384)
     assert refine_memory_bytes(*sizes, "auto") == max(refine_memory_bytes(*sizes, m) for m in ("varpro", "varpro_gn"))
     assert refine_memory_bytes(*sizes, "varpro", torch.float64) == 2 * refine_memory_bytes(*sizes, "varpro")
+    assert refine_memory_bytes(*sizes, "varpro", chunk=16) < refine_memory_bytes(*sizes, "varpro")
+    assert plan_refine_chunks(*sizes, "adam", 10**15) == (None, True, refine_memory_bytes(*sizes, "adam"))
     with pytest.raises(ValueError, match="unknown refinement method"):
         refine_memory_bytes(*sizes, "lbfgs")
     # refused by fit_bank before the first record (the AM would otherwise run to completion first)
@@ -403,6 +417,22 @@ def test_refinement_that_cannot_fit_is_refused_before_any_work(monkeypatch):
         fit_bank(W, GlobeConfig(r=6, m=4, steps=1, refine_steps=3, restarts=2), callback=records.append)
     assert records == []
     fit_bank(W, GlobeConfig(r=6, m=4, steps=1))  # without the refinement: not limited
+    # a limit between the chunked and the all-at-once estimates: fit_bank refines in chunks, to the same result
+    N, p, d = W.shape
+    held = 3 * N * p * d * 4  # the refinement runs in the FitResult's float32
+    lo = refine_memory_bytes(N, p, d, 6, "varpro_gn", m=4, chunk=5)
+    hi = refine_memory_bytes(N, p, d, 6, "varpro_gn", m=4)
+    monkeypatch.setenv("GLOBE_REFINE_MAX_GB", repr((held + (lo + hi) / 2) / 2**30))
+    cfg = GlobeConfig(r=6, m=4, steps=2, refine_steps=3, refine_method="varpro_gn", val_fraction=0.1)
+    chunked = fit_bank(W, cfg)
+    assert 5 <= chunked.metrics["refine.chunk_experts"] < N
+    monkeypatch.delenv("GLOBE_REFINE_MAX_GB")
+    whole = fit_bank(W, cfg)
+    assert whole.metrics["refine.chunk_experts"] is None
+    assert whole.metrics["refine.rel_error"] < whole.metrics["refine.rel_error_start"]
+    # float32 sums in another order: equal to 1e-4 relative
+    assert math.isclose(chunked.metrics["rel_error_all"], whole.metrics["rel_error_all"], rel_tol=1e-4)
+    torch.testing.assert_close(chunked.bank, whole.bank, rtol=1e-3, atol=1e-3 * float(whole.bank.abs().max()))
 
 
 def _weight_aware_problem(N=13, p=9, d=11, r=5, m=7, seed=0):

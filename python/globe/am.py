@@ -810,24 +810,31 @@ def _memory_limit(env_name: str, device: torch.device, divisor: int) -> tuple[in
     return total // divisor, f"{share}the {device.type} memory, {total / 2**30:.0f} GiB"
 
 
-def _check_refine_memory(cfg: GlobeConfig, N: int, p: int, d: int, r: int, device: torch.device,
-                         dtype: torch.dtype) -> None:
-    """Refuse, before any work, a refinement that cannot fit in the device's memory (or GLOBE_REFINE_MAX_GB):
-    it runs after the whole AM, so running out of memory there would throw the AM away. During it fit_bank
-    holds the experts twice (original scale and normalised) besides the refinement's own working memory,
-    :func:`globe.refine.refine_memory_bytes` (measured: bench/bench_refine_memory.py)."""
-    from globe.refine import refine_memory_bytes
+def refine_plan(cfg: GlobeConfig, N: int, p: int, d: int, r: int, m: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[int | None, bool]:
+    """(chunk_experts, cache_factors) for the refinement of N experts, decided before any work so that a
+    refinement that cannot fit is refused before the AM (it runs after the whole AM; running out of memory there
+    would throw the AM away). The limit is the device's memory or GLOBE_REFINE_MAX_GB; the experts are held
+    twice during the refinement (original scale and normalised) and a third time when some are held out, the
+    rest is :func:`globe.refine.plan_refine_chunks` (all experts at once where that fits, else chunks of
+    experts; estimates measured by bench/bench_refine_memory.py). Raises ConfigError when even one expert at a
+    time does not fit."""
+    from globe.refine import plan_refine_chunks
 
     item = torch.empty((), dtype=dtype).element_size()
-    need = 2 * N * p * d * item + refine_memory_bytes(N, p, d, r, cfg.refine_method, dtype)
+    reserved = (3 if cfg.val_fraction > 0 else 2) * N * p * d * item
     known = _memory_limit(REFINE_MAX_GB_ENV, device, 1)
-    if known is None or need <= known[0]:
-        return
-    raise ConfigError(
-        f"GlobeConfig.refine_steps: the refinement ({cfg.refine_method}) of N={N} experts of {p} x {d} at r={r} "
-        f"needs about {need / 2**30:.1f} GiB, more than the {known[0] / 2**30:.1f} GiB of {known[1]}; use "
-        "scope='layer', a smaller r, or refine_steps=0 (no refinement)"
-    )
+    if known is None:
+        return None, True
+    try:
+        chunk, cache, _ = plan_refine_chunks(N, p, d, r, cfg.refine_method, known[0] - reserved, dtype=dtype, m=m)
+    except ValueError as e:
+        raise ConfigError(
+            f"GlobeConfig.refine_steps: {e} once the experts are held ({reserved / 2**30:.3g} GiB), of the "
+            f"{known[0] / 2**30:.3g} GiB of {known[1]}; use scope='layer', a smaller r or m, or refine_steps=0 "
+            "(no refinement)"
+        ) from None
+    return chunk, cache
 
 
 def dense_weight_aware_bytes(N: int, m: int, r: int, dtype: torch.dtype = torch.float32) -> int:
@@ -875,7 +882,8 @@ def _fit_restarts(
     else:
         seeds = [cfg.seed + i for i in range(cfg.restarts)]
     if cfg.refine_steps and W.dim() == 3:  # before the restarts, not after them
-        _check_refine_memory(cfg, *W.shape, cfg.resolve_r(*W.shape[1:]), torch.device(cfg.device), cfg.torch_dtype)
+        refine_plan(cfg, *W.shape, cfg.resolve_r(*W.shape[1:]), cfg.resolve_m(W.shape[0]), torch.device(cfg.device),
+                    cfg.torch_dtype)
     best: FitResult | None = None
     scores = []
     t0 = time.perf_counter()
@@ -942,7 +950,7 @@ def fit_bank(
     r, m = cfg.resolve_r(p, d), cfg.resolve_m(N)
     solver = _weight_aware_solver(cfg, N, m, r, device, dtype) if cfg.weight_aware else None
     if cfg.refine_steps:
-        _check_refine_memory(cfg, N, p, d, r, device, dtype)
+        refine_plan(cfg, N, p, d, r, m, device, dtype)
     if solver == "cg" and cfg.support_search > 0:
         raise ConfigError(
             f"GlobeConfig.support_search: the support search scores its candidates with the bank's dense row "

@@ -81,6 +81,7 @@ from typing import Any
 import torch
 
 from globe.bank import project_simplex
+from globe.config import GlobeConfig
 from globe_kernels import ops
 from globe_kernels.reference import SparseCodes, apply_phi, check_phi, to_dense_codes
 
@@ -101,6 +102,7 @@ __all__ = [
     "SECOND_ORDER_METHODS",
     "auto_method",
     "refine_memory_bytes",
+    "plan_refine_chunks",
 ]
 
 METHODS = ("gn", "adam", "varpro", "varpro_gn", "auto")
@@ -115,6 +117,13 @@ AUTO_KAPPA = 1e4
 # varpro_gn 3.27 / 5.52, varpro 3.85 / 3.65, adam 3.80 / 3.76; gn's fit is noisy (its code step also holds
 # fixed-size chunks, about 0.2 GB), so it takes varpro_gn's bank term and its own larger W term
 REFINE_MEMORY = {"varpro_gn": (3.5, 6.0), "gn": (5.0, 6.0), "varpro": (4.0, 4.0), "adam": (4.0, 4.0)}
+# in chunks of experts (chunk_experts): adapter-sized tensors [N, p, r] held across chunks (the state, the step's
+# new adapters, the best state so far, one spare), the cached Gauss-Newton factors as [N, r, d] tensors (the
+# projection's two, φ' for a nonlinear φ), and bank-sized tensors [m, r, d] (state, best, new, gradient, Adam's
+# two moments, the CG's vectors)
+REFINE_PERSISTENT = 4
+REFINE_CACHE = 3
+REFINE_BANK_COPIES = 10
 # initial bank rescale for a nonlinear φ: None keeps the bank; a number is the target RMS of the mixture
 _GAINS = (None, 0.05, 0.25, 0.5, 1.0, 2.0)
 
@@ -202,6 +211,42 @@ def _per_expert(Z: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor) -> torch.Ten
     return F
 
 
+class _Targets:
+    """The targets Z_i = W_i - M of the experts, formed slice by slice (no full-size copy of W - M)."""
+
+    def __init__(self, W: torch.Tensor, mean: torch.Tensor | None) -> None:
+        self.W, self.mean = W, mean
+        self.shape, self.dtype, self.device = W.shape, W.dtype, W.device
+
+    def __getitem__(self, s: slice) -> torch.Tensor:
+        Wc = self.W[s]
+        return Wc if self.mean is None else Wc - self.mean
+
+
+def _slices(N: int, chunk: int | None) -> list[slice]:
+    """Consecutive ranges of at most ``chunk`` experts (one range of all N when chunk is None)."""
+    step = N if not chunk else max(1, min(N, int(chunk)))
+    return [slice(lo, min(N, lo + step)) for lo in range(0, N, max(step, 1))]
+
+
+def _ridge(bank: torch.Tensor, alpha: torch.Tensor, phi: str, lam: float, sl: list[slice]) -> float:
+    """lam * mean_i tr(B~_i B~_iᵀ) / r over all experts (the adapter solve's relative ridge), one chunk at a time."""
+    tot = 0.0
+    for s in sl:
+        tot += float(apply_phi(_mix(bank, alpha[s]), phi).pow(2).sum(dtype=torch.float64))
+    ridge = float(lam) * tot / max(1, alpha.shape[0]) / bank.shape[1]
+    return max(ridge, float(torch.finfo(bank.dtype).tiny))
+
+
+def _train_F(Z, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, phi: str,
+             chunk: int | None = None) -> torch.Tensor:
+    """F_i = ||Z_i - A_i φ(Σ_j α_ij B_j)||² [N] in float64, the mixture composed one chunk of experts at a time."""
+    F = torch.empty(alpha.shape[0], dtype=torch.float64, device=alpha.device)
+    for s in _slices(alpha.shape[0], chunk):
+        F[s] = _per_expert(Z[s], A[s], apply_phi(_mix(bank, alpha[s]), phi))
+    return F
+
+
 def objective(Z: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor,
               phi: str) -> torch.Tensor:
     """Σ_i ||Z_i - A_i φ(Σ_j α_ij B_j)||², differentiable in A, bank and alpha (through ``ops.compose``)."""
@@ -244,6 +289,35 @@ def objective_grads(Z: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha:
     return gA, g_bank, g_alpha, mean
 
 
+def _grads(W: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, phi: str, *,
+           mean: torch.Tensor | None, fit_mean: bool, scale: float, grad_A: bool, chunk: int | None,
+           U: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`objective_grads` over chunks of experts: the bank's gradient summed, the adapters' and codes'
+    gathered; with ``fit_mean`` the exact mean M = mean_i (W_i - A_i φ(U_i)) is found by a first pass."""
+    N = alpha.shape[0]
+    sl = _slices(N, chunk)
+    if len(sl) <= 1:
+        return objective_grads(W, A, bank, alpha, phi, mean=mean, fit_mean=fit_mean, scale=scale,
+                               grad_A=grad_A, U=U)
+    if mean is not None and fit_mean:
+        tot = torch.zeros(W.shape[1:], dtype=torch.float64, device=W.device)
+        for s in sl:
+            Bt = apply_phi(_mix(bank, alpha[s]), phi)
+            tot += torch.baddbmm(W[s], A[s], Bt, alpha=-1.0).sum(0, dtype=torch.float64)
+        mean = (tot / N).to(W.dtype)
+    gA = torch.empty_like(A) if grad_A else None
+    g_bank = torch.zeros_like(bank)
+    g_alpha = torch.empty_like(alpha)
+    for s in sl:
+        a, b, c, _ = objective_grads(W[s], A[s], bank, alpha[s], phi, mean=mean, scale=scale, grad_A=grad_A)
+        g_bank += b
+        g_alpha[s] = c
+        if grad_A:
+            gA[s] = a
+    return gA, g_bank, g_alpha, mean
+
+
 def sparse_simplex_projection(v: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Nearest point of {x >= 0, Σ x = 1, at most k non-zeros} to each row of v (restricted to mask).
 
@@ -259,23 +333,27 @@ def sparse_simplex_projection(v: torch.Tensor, k: int, mask: torch.Tensor | None
     return project_simplex(torch.where(keep, v, torch.zeros_like(v)), keep)
 
 
-def _adapter_solve(Z: torch.Tensor, Bt: torch.Tensor, lam: float) -> torch.Tensor:
-    """A_i = Z_i B~_iᵀ (B~_i B~_iᵀ + ridge I)^-1, ridge = lam * mean trace(G_i) / r."""
+def _adapter_solve(Z: torch.Tensor, Bt: torch.Tensor, lam: float, ridge: float | None = None) -> torch.Tensor:
+    """A_i = Z_i B~_iᵀ (B~_i B~_iᵀ + ridge I)^-1, ridge = lam * mean trace(G_i) / r over these experts unless
+    given (the chunked callers pass the mean over all experts, :func:`_ridge`)."""
     G = Bt @ Bt.transpose(1, 2)
     r = G.shape[1]
-    ridge = float(lam) * float(G.diagonal(dim1=1, dim2=2).sum(1).mean()) / r
-    ridge = max(ridge, float(torch.finfo(G.dtype).tiny))
+    if ridge is None:
+        ridge = float(lam) * float(G.diagonal(dim1=1, dim2=2).sum(1).mean()) / r
+        ridge = max(ridge, float(torch.finfo(G.dtype).tiny))
     A, _ = ops.cholesky_solve_batched(G, Z @ Bt.transpose(1, 2), ridge)
     return A
 
 
-def _perp(Bt: torch.Tensor, lam: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def _perp(Bt: torch.Tensor, lam: float, ridge: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """X -> X (I - P_i), P_i the (ridge-regularised) projection onto the row space of B~_i: the Kaufman
-    variable-projection factor of the Jacobian once the adapters are eliminated. X [N, r, d] or [N, c, r, d]."""
+    variable-projection factor of the Jacobian once the adapters are eliminated. X [N, r, d] or [N, c, r, d].
+    ridge: as in :func:`_adapter_solve`."""
     G = Bt @ Bt.transpose(1, 2)
     r = G.shape[1]
-    ridge = max(float(lam) * float(G.diagonal(dim1=1, dim2=2).sum(1).mean()) / r,
-                float(torch.finfo(G.dtype).tiny))
+    if ridge is None:
+        ridge = max(float(lam) * float(G.diagonal(dim1=1, dim2=2).sum(1).mean()) / r,
+                    float(torch.finfo(G.dtype).tiny))
     G = G + ridge * torch.eye(r, dtype=G.dtype, device=G.device)
     L, info = torch.linalg.cholesky_ex(G)
     # the explicit r x r inverse then one batched product: several times faster on CPU than a triangular solve
@@ -291,14 +369,56 @@ def _perp(Bt: torch.Tensor, lam: float) -> Callable[[torch.Tensor], torch.Tensor
     return perp
 
 
-def refine_memory_bytes(N: int, p: int, d: int, r: int, method: str, dtype: torch.dtype = torch.float32) -> int:
-    """Estimated peak working memory of :func:`refine` over N experts of p x d at inner dimension r, beyond its
-    inputs (:data:`REFINE_MEMORY`; "auto" counts the larger of its two methods)."""
+def refine_memory_bytes(N: int, p: int, d: int, r: int, method: str, dtype: torch.dtype = torch.float32, *,
+                        m: int = 0, chunk: int | None = None, cache: bool = True) -> int:
+    """Estimated peak working memory of :func:`refine` over N experts of p x d at inner dimension r and m atoms,
+    beyond its inputs ("auto" counts the larger of its two methods).
+
+    All at once (chunk None or >= N): :data:`REFINE_MEMORY`'s multiples of W and of one [N, r, d] tensor. In
+    chunks of ``chunk`` experts: those multiples for one chunk, plus :data:`REFINE_PERSISTENT` adapter-sized
+    tensors [N, p, r] (two more for "adam"'s moments) and, for the Gauss-Newton bank step with ``cache``, its
+    :data:`REFINE_CACHE` [N, r, d] factors. Both add :data:`REFINE_BANK_COPIES` bank-sized tensors [m, r, d]
+    (the measured multiples were taken at m = 12, where the bank is negligible)."""
     if method not in METHODS:
         raise ValueError(f"unknown refinement method {method!r}; methods: {METHODS}")
     item = torch.empty((), dtype=dtype).element_size()
     names = ("varpro_gn", "varpro") if method == "auto" else (method,)
-    return int(max(a * N * p * d + b * N * r * d for a, b in (REFINE_MEMORY[n] for n in names)) * item)
+    bank = REFINE_BANK_COPIES * m * r * d
+    if chunk is None or chunk >= N:
+        return int((max(a * N * p * d + b * N * r * d for a, b in (REFINE_MEMORY[n] for n in names)) + bank) * item)
+    C = max(1, int(chunk))
+    work = max(a * C * p * d + b * C * r * d for a, b in (REFINE_MEMORY[n] for n in names))
+    persistent = (REFINE_PERSISTENT + (2 if method == "adam" else 0)) * N * p * r
+    cached = REFINE_CACHE * N * r * d if cache and any(n in SECOND_ORDER_METHODS for n in names) else 0
+    return int((work + persistent + cached + bank) * item)
+
+
+def plan_refine_chunks(N: int, p: int, d: int, r: int, method: str, limit_bytes: int, *,
+                       dtype: torch.dtype = torch.float32, m: int = 0) -> tuple[int | None, bool, int]:
+    """How :func:`refine` fits in ``limit_bytes``: (chunk_experts, cache_factors, estimated bytes).
+
+    All experts at once where that fits (chunk None); else the largest chunk with the Gauss-Newton factors
+    cached; else the largest without them. Raises ValueError when even one expert at a time does not fit.
+    Estimates from :func:`refine_memory_bytes`."""
+    full = refine_memory_bytes(N, p, d, r, method, dtype, m=m)
+    if full <= limit_bytes:
+        return None, True, full
+    for cache in (True, False):
+        if refine_memory_bytes(N, p, d, r, method, dtype, m=m, chunk=1, cache=cache) > limit_bytes:
+            continue
+        lo, hi = 1, max(1, N - 1)
+        while lo < hi:  # the largest chunk within the limit
+            mid = (lo + hi + 1) // 2
+            if refine_memory_bytes(N, p, d, r, method, dtype, m=m, chunk=mid, cache=cache) <= limit_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, cache, refine_memory_bytes(N, p, d, r, method, dtype, m=m, chunk=lo, cache=cache)
+    raise ValueError(
+        f"the refinement ({method}) of N={N} experts of {p} x {d} at r={r}, m={m} needs about "
+        f"{refine_memory_bytes(N, p, d, r, method, dtype, m=m, chunk=1, cache=False) / 2**30:.3g} GiB even one "
+        f"expert at a time, more than {max(limit_bytes, 0) / 2**30:.3g} GiB"
+    )
 
 
 def auto_method(A: torch.Tensor, sample: int = 64) -> tuple[str, float]:
@@ -318,12 +438,24 @@ def auto_method(A: torch.Tensor, sample: int = 64) -> tuple[str, float]:
     return ("varpro_gn" if kappa > AUTO_KAPPA else "varpro"), kappa
 
 
-def _exact(Z: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, phi: str,
-           lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A*, F_i) with the adapters solved exactly for the given bank and codes."""
-    Bt = apply_phi(_mix(bank, alpha), phi)
-    A = _adapter_solve(Z, Bt, lam)
-    return A, _per_expert(Z, A, Bt)
+def _exact(Z, bank: torch.Tensor, alpha: torch.Tensor, phi: str, lam: float,
+           chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A*, F_i) with the adapters solved exactly for the given bank and codes (Z: a tensor or _Targets)."""
+    N = alpha.shape[0]
+    sl = _slices(N, chunk)
+    if len(sl) <= 1:
+        Zc = Z[0:N]
+        Bt = apply_phi(_mix(bank, alpha), phi)
+        A = _adapter_solve(Zc, Bt, lam)
+        return A, _per_expert(Zc, A, Bt)
+    ridge = _ridge(bank, alpha, phi, lam, sl)
+    A = torch.empty(N, Z.shape[1], bank.shape[1], dtype=bank.dtype, device=bank.device)
+    F = torch.empty(N, dtype=torch.float64, device=bank.device)
+    for s in sl:
+        Zc, Bt = Z[s], apply_phi(_mix(bank, alpha[s]), phi)
+        A[s] = _adapter_solve(Zc, Bt, lam, ridge)
+        F[s] = _per_expert(Zc, A[s], Bt)
+    return A, F
 
 
 class _Adam:
@@ -470,7 +602,8 @@ def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: 
     return x
 
 
-def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: str, lam_A: float | None = None):
+def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: str, lam_A: float | None = None,
+                 chunk: int | None = None, cache: bool = True):
     """Gradient of F in the bank, the Gauss-Newton product V -> JᵀJ V, the atoms' Gauss-Newton blocks H [m, r, r]
     and a diagonal scale D [m].
 
@@ -481,29 +614,58 @@ def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: s
     other atoms: acting on the r side, it undoes the spread of the adapters' singular values, which is what
     makes first-order steps on the bank slow; the CG uses it as a block-Jacobi preconditioner. D_j = tr(H_j)/r
     scales the damping.
+
+    Everything is summed over chunks of ``chunk`` experts (all at once when None). The product needs each
+    expert's GA_i, φ'(U_i) and projection (two [r, d] factors): with ``cache`` they are kept from the first
+    pass (about two [N, r, d] tensors), otherwise recomputed chunk by chunk in every product (no [N, r, d]
+    tensor at all, for about 1.7x the cost of a product).
     """
     N = w.shape[0]
-    U = _mix(bank, w)
-    Bt, dphi = apply_phi(U, phi), phi_grad(U, phi)
-    GA = A.transpose(1, 2) @ A
-    gU = dphi * (2 * (GA @ Bt - A.transpose(1, 2) @ Z))
-    del U
-    grad = (w.T @ gU.reshape(N, -1)).reshape(bank.shape)
-    del gU
-    c = dphi.pow(2).mean(dim=(1, 2)) if phi != "identity" else torch.ones_like(w[:, 0])
-    H = 2 * torch.einsum("ij,iab->jab", w.pow(2) * c[:, None], GA)
+    sl = _slices(N, chunk)
+    ridge = _ridge(bank, w, phi, lam_A, sl) if lam_A is not None and len(sl) > 1 else None
+
+    def factors(s: slice, with_grad: bool):
+        U = _mix(bank, w[s])
+        Bt = apply_phi(U, phi)
+        dphi = phi_grad(U, phi) if phi != "identity" else None
+        del U
+        As = A[s]
+        GA = As.transpose(1, 2) @ As
+        gU = None
+        if with_grad:
+            gU = 2 * (GA @ Bt - As.transpose(1, 2) @ Z[s])
+            if dphi is not None:
+                gU = dphi * gU
+        perp = _perp(Bt, lam_A, ridge) if lam_A is not None else (lambda X: X)
+        return gU, dphi, GA, perp
+
+    grad = torch.zeros_like(bank)
+    H = torch.zeros(bank.shape[0], bank.shape[1], bank.shape[1], dtype=bank.dtype, device=bank.device)
+    kept = []
+    for s in sl:
+        gU, dphi, GA, perp = factors(s, True)
+        ws = w[s]
+        grad += (ws.T @ gU.reshape(ws.shape[0], -1)).reshape(bank.shape)
+        del gU
+        c = dphi.pow(2).mean(dim=(1, 2)) if dphi is not None else torch.ones_like(ws[:, 0])
+        H += 2 * torch.einsum("ij,iab->jab", ws.pow(2) * c[:, None], GA)
+        if cache or len(sl) == 1:
+            kept.append((dphi, GA, perp))
     D = (H.diagonal(dim1=1, dim2=2).sum(1) / H.shape[1]).clamp_min(1e-30)
-    perp = _perp(Bt, lam_A) if lam_A is not None else (lambda X: X)
-    del Bt
 
     def gn(V: torch.Tensor) -> torch.Tensor:
-        dB = _mix(V, w)
-        if phi != "identity":
-            dB = dphi * dB
-        X = perp(GA @ dB)
-        if phi != "identity":
-            X = dphi * X
-        return 2 * (w.T @ X.reshape(N, -1)).reshape(V.shape)
+        out = torch.zeros_like(V)
+        for i, s in enumerate(sl):
+            dphi, GA, perp = kept[i] if kept else factors(s, False)[1:]
+            ws = w[s]
+            dB = _mix(V, ws)
+            if dphi is not None:
+                dB = dphi * dB
+            X = perp(GA @ dB)
+            if dphi is not None:
+                X = dphi * X
+            out += 2 * (ws.T @ X.reshape(ws.shape[0], -1)).reshape(V.shape)
+        return out
 
     return grad, gn, H, D
 
@@ -521,17 +683,17 @@ def _block_inverse(H: torch.Tensor, D: torch.Tensor, lam: float) -> Callable[[to
 
 
 def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, cg_iters: int, lam_A: float,
-               tries: int = 4) -> torch.Tensor:
+               tries: int = 4, chunk: int | None = None, cache: bool = True) -> torch.Tensor:
     """Levenberg-Marquardt step on the bank, adapters eliminated (variable projection: Gauss-Newton normal
     equations with the Kaufman Jacobian, by conjugate gradient preconditioned with the atoms' blocks; the step
     is judged with the adapters re-solved exactly); lam[0] is the damping."""
-    grad, gn, H, D = _bank_system(Z, st.A, st.bank, st.alpha, phi, lam_A)
+    grad, gn, H, D = _bank_system(Z, st.A, st.bank, st.alpha, phi, lam_A, chunk, cache)
     F_tot = float(F_old.sum())
     for _ in range(tries):
         damp = lam[0] * D[:, None, None]
         delta = _cg(lambda V, damp=damp: gn(V) + damp * V, -grad, cg_iters, 1e-4, _block_inverse(H, D, lam[0]))
         bank_new = st.bank + delta
-        A_new, F_new = _exact(Z, bank_new, st.alpha, phi, lam_A)
+        A_new, F_new = _exact(Z, bank_new, st.alpha, phi, lam_A, chunk)
         if float(F_new.sum()) < F_tot:
             st.bank, st.A = bank_new, A_new
             lam[0] = max(lam[0] / 3, 1e-8)
@@ -540,9 +702,30 @@ def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, c
     return F_old
 
 
-def _mean_step(W, st: _State, phi: str) -> None:
-    Bt = apply_phi(_mix(st.bank, st.alpha), phi)
-    st.mean = (W - st.A @ Bt).mean(0)
+def _mean_step(W, st: _State, phi: str, chunk: int | None = None) -> None:
+    """M = mean_i (W_i - A_i B~_i), the exact minimiser of F in M (summed one chunk of experts at a time)."""
+    tot = torch.zeros(W.shape[1:], dtype=torch.float64, device=W.device)
+    for s in _slices(W.shape[0], chunk):
+        Bt = apply_phi(_mix(st.bank, st.alpha[s]), phi)
+        tot += torch.baddbmm(W[s], st.A[s], Bt, alpha=-1.0).sum(0, dtype=torch.float64)
+    st.mean = (tot / W.shape[0]).to(W.dtype)
+
+
+def _chunked_steps(step: Callable[..., torch.Tensor], Z, st: _State, chunk: int | None, *per_expert,
+                   **kwargs) -> torch.Tensor:
+    """Run a step that treats every expert independently given the bank (``_codes_step``, ``_adapter_step``)
+    one chunk of experts at a time; per_expert: tensors with a leading expert axis (sliced; damping updated in
+    place through the view); returns the new F_i."""
+    N = st.alpha.shape[0]
+    sl = _slices(N, chunk)
+    if len(sl) <= 1:
+        return step(Z[0:N], st, *per_expert, **kwargs)
+    F = torch.empty(N, dtype=torch.float64, device=st.alpha.device)
+    for s in sl:
+        sub = _State(st.A[s], st.bank, st.alpha[s], None)
+        F[s] = step(Z[s], sub, *[None if t is None else t[s] for t in per_expert], **kwargs)
+        st.A[s], st.alpha[s] = sub.A, sub.alpha
+    return F
 
 
 # --- validation: held-out experts fitted with the bank frozen -----------------------------------------------
@@ -649,6 +832,8 @@ def refine(
     min_improvement: float = 1e-4,
     time_limit: float | None = None,
     chunk_elems: int = 1 << 24,
+    chunk_experts: int | None = None,
+    cache_factors: bool = True,
     generator: torch.Generator | None = None,
     callback: Callable[[dict[str, Any]], Any] | None = None,
 ) -> RefineResult:
@@ -662,6 +847,14 @@ def refine(
     "varpro_gn" where :func:`auto_method` finds the adapters badly conditioned, "varpro" elsewhere; the result's
     ``method`` and every record's say which ran. generator is unused (every method is deterministic) and kept
     for API symmetry.
+
+    chunk_experts: work on at most this many experts at a time (None: all at once). Every step is the same
+    computation, summed over chunks: nothing of size [N, p, d] beyond W itself and nothing of size [N, r, d]
+    is formed, so the working memory is that of one chunk plus the adapters (:func:`refine_memory_bytes`,
+    :func:`plan_refine_chunks`). The relative ridges are then taken over all experts, as unchunked; only the
+    "gn" codes and adapter steps take them over the experts of a chunk. cache_factors (with chunk_experts):
+    keep each expert's Gauss-Newton factors (about two [N, r, d] tensors) for the bank step's products instead
+    of recomputing them in every product ("gn", "varpro_gn").
     """
     phi = check_phi(phi)
     if method not in METHODS:
@@ -685,31 +878,32 @@ def refine(
                 None if mean is None else mean.to(device=device, dtype=dtype).clone())
     eval_every = eval_every or (1 if method in SECOND_ORDER_METHODS else 25)
 
-    def target(Wx: torch.Tensor) -> torch.Tensor:
-        return Wx if st.mean is None else Wx - st.mean
-
     w_energy = float(W.double().pow(2).sum())
     v_energy = float(val_W.double().pow(2).sum()) if val_W is not None else 0.0
 
     def rel(Fsum: float, energy: float) -> float:
         return math.sqrt(max(Fsum, 0.0) / max(energy, 1e-300))
 
+    N = W.shape[0]
+    chunk = None if chunk_experts is None or int(chunk_experts) >= N else max(1, int(chunk_experts))
+
+    def target(s: _State | None = None) -> _Targets:
+        return _Targets(W, (st if s is None else s).mean)
+
     def train_F(s: _State | None = None) -> torch.Tensor:
         s = st if s is None else s
-        Zt = W if s.mean is None else W - s.mean
-        return _per_expert(Zt, s.A, apply_phi(_mix(s.bank, s.alpha), phi))
+        return _train_F(target(s), s.A, s.bank, s.alpha, phi, chunk)
 
     # initial gain of the bank for a nonlinear φ (the unscaled bank is a candidate, so F cannot go up)
     gain = 1.0
     if rescale and phi != "identity":
-        u_rms = float(_mix(st.bank, st.alpha).double().pow(2).mean().sqrt())
+        u_rms = math.sqrt(sum(float(_mix(st.bank, st.alpha[s]).pow(2).sum(dtype=torch.float64))
+                              for s in _slices(N, chunk)) / max(1, N * st.bank.shape[1] * W.shape[2]))
         best_F, best_A = float(train_F().sum()), st.A
-        Zt = target(W)
         for g in _GAINS:
             c = 1.0 if g is None else g / max(u_rms, 1e-30)
-            Bt = apply_phi(_mix(st.bank * c, st.alpha), phi)
-            A_c = _adapter_solve(Zt, Bt, lambda_A)
-            Fc = float(_per_expert(Zt, A_c, Bt).sum())
+            A_c, F_c = _exact(target(), st.bank * c, st.alpha, phi, lambda_A, chunk)
+            Fc = float(F_c.sum())
             if Fc < best_F:
                 best_F, best_A, gain = Fc, A_c, c
         st.bank = st.bank * gain
@@ -726,11 +920,15 @@ def refine(
         s = st if s is None else s
         if val_W is None:
             return float("nan")
-        Zv = val_W if s.mean is None else val_W - s.mean
-        a, Av, Fv = fit_frozen(Zv, s.bank, phi, kmax, iters=val_iters, alpha=vstate["alpha"],
-                               A=vstate["A"], lambda_A=lambda_A, qp_iters=qp_iters, chunk_elems=chunk_elems)
-        vstate["alpha"], vstate["A"] = a, Av
-        return rel(float(Fv.sum()), v_energy)
+        Zv = _Targets(val_W, s.mean)
+        parts = []
+        for sv in _slices(val_W.shape[0], chunk):  # the held-out experts are independent given the bank
+            a0, A0 = vstate["alpha"], vstate["A"]
+            parts.append(fit_frozen(Zv[sv], s.bank, phi, kmax, iters=val_iters,
+                                    alpha=None if a0 is None else a0[sv], A=None if A0 is None else A0[sv],
+                                    lambda_A=lambda_A, qp_iters=qp_iters, chunk_elems=chunk_elems))
+        vstate["alpha"], vstate["A"] = (torch.cat([x[i] for x in parts]) for i in range(2))
+        return rel(float(sum(float(x[2].sum()) for x in parts)), v_energy)
 
     Fi = train_F()
     history: list[dict[str, Any]] = []
@@ -761,38 +959,42 @@ def refine(
         # only the codes take Adam steps here; the bank moves by Levenberg-Marquardt steps
         opt = _Adam([(st.alpha, lr / kmax)])
         supp_mask = (st.alpha > 0) if not support_reselect else None
-        st.A, Fi = _exact(target(W), st.bank, st.alpha, phi, lambda_A)
+        st.A, Fi = _exact(target(), st.bank, st.alpha, phi, lambda_A, chunk)
 
+    extra = kmax if support_reselect else 0  # "gn": candidate atoms beyond the support
     step = 0
     for step in range(1, steps + 1):
         if method == "varpro_gn":
-            Zt = target(W)
-            Fi = _bank_step(Zt, st, phi, lam_b, Fi, cg_iters, lambda_A)
+            Fi = _bank_step(target(), st, phi, lam_b, Fi, cg_iters, lambda_A, chunk=chunk, cache=cache_factors)
             with torch.no_grad():
-                _, _, ga, _ = objective_grads(Zt, st.A, st.bank, st.alpha, phi, scale=1.0 / w_energy,
-                                              grad_A=False)
+                _, _, ga, _ = _grads(W, st.A, st.bank, st.alpha, phi, mean=st.mean, fit_mean=False,
+                                     scale=1.0 / w_energy, grad_A=False, chunk=chunk)
                 opt.step([ga])
                 st.alpha.copy_(sparse_simplex_projection(st.alpha, kmax, supp_mask))
                 if fit_mean and st.mean is not None:
-                    _mean_step(W, st, phi)
-                st.A, Fi = _exact(target(W), st.bank, st.alpha, phi, lambda_A)
+                    _mean_step(W, st, phi, chunk)
+                st.A, Fi = _exact(target(), st.bank, st.alpha, phi, lambda_A, chunk)
         elif method == "gn":
-            Zt = target(W)
-            extra = kmax if support_reselect else 0
-            Fi = _codes_step(Zt, st, phi, kmax, extra, damp_c, Fi, chunk_elems, qp_iters, lambda_A)
-            Fi = _bank_step(Zt, st, phi, lam_b, Fi, cg_iters, lambda_A)
-            Fi = _adapter_step(Zt, st, phi, lambda_A, Fi)
+            Fi = _chunked_steps(lambda Zc, sub, dc, Fc: _codes_step(Zc, sub, phi, kmax, extra, dc, Fc, chunk_elems,
+                                                                    qp_iters, lambda_A),
+                                target(), st, chunk, damp_c, Fi)
+            Fi = _bank_step(target(), st, phi, lam_b, Fi, cg_iters, lambda_A, chunk=chunk, cache=cache_factors)
+            Fi = _chunked_steps(lambda Zc, sub, Fc: _adapter_step(Zc, sub, phi, lambda_A, Fc), target(), st, chunk,
+                                Fi)
             if fit_mean and st.mean is not None:
-                _mean_step(W, st, phi)
+                _mean_step(W, st, phi, chunk)
                 Fi = train_F()
         else:
             with torch.no_grad():
-                U = _mix(st.bank, st.alpha)
+                U = _mix(st.bank, st.alpha) if chunk is None else None
                 if method == "varpro":
-                    st.A = _adapter_solve(target(W), apply_phi(U, phi), lambda_A)
-                gA, gB, ga, new_mean = objective_grads(W, st.A, st.bank, st.alpha, phi, mean=st.mean,
-                                                       fit_mean=fit_mean, scale=1.0 / w_energy,
-                                                       grad_A=method == "adam", U=U)
+                    if chunk is None:
+                        st.A = _adapter_solve(target()[0:N], apply_phi(U, phi), lambda_A)
+                    else:
+                        st.A = _exact(target(), st.bank, st.alpha, phi, lambda_A, chunk)[0]
+                gA, gB, ga, new_mean = _grads(W, st.A, st.bank, st.alpha, phi, mean=st.mean,
+                                              fit_mean=fit_mean, scale=1.0 / w_energy,
+                                              grad_A=method == "adam", chunk=chunk, U=U)
                 st.mean = new_mean
                 opt.step([gA, gB, ga] if method == "adam" else [gB, ga])
                 st.alpha.copy_(sparse_simplex_projection(st.alpha, kmax, supp_mask))
@@ -801,11 +1003,10 @@ def refine(
                 continue
         with torch.no_grad():
             if method in ("adam", "varpro"):  # the step refitted M (and for varpro solved A) before moving the bank
-                Bt = apply_phi(_mix(st.bank, st.alpha), phi)
                 if fit_mean and st.mean is not None:
-                    st.mean = (W - st.A @ Bt).mean(0)
+                    _mean_step(W, st, phi, chunk)
                 if method == "varpro":  # the adapters returned are the exact solve for what is returned
-                    st.A = _adapter_solve(target(W), Bt, lambda_A)
+                    st.A = _exact(target(), st.bank, st.alpha, phi, lambda_A, chunk)[0]
             snap = _State(st.A.detach(), st.bank.detach(), st.alpha.detach(), st.mean)
             if method in ("adam", "varpro"):  # the second-order methods' Fi is that of the current state already
                 Fi = train_F(snap)
@@ -865,7 +1066,7 @@ def refine_fit(fit: Any, W: torch.Tensor, phi: str = "identity", *, val_index: l
     tr, va = (~is_val).nonzero().flatten(), is_val.nonzero().flatten()
     has_val = va.numel() > 0
     res = refine(
-        W[tr], fit.bank, fit.alpha[tr], fit.A[tr], phi, mean=mean,
+        W[tr] if has_val else W, fit.bank, fit.alpha[tr], fit.A[tr], phi, mean=mean,
         val_W=W[va] if has_val else None, val_alpha=fit.alpha[va] if has_val else None,
         val_A=fit.A[va] if has_val else None, **kwargs,
     )
@@ -953,9 +1154,16 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
         return on_record
 
     time_limit = getattr(config, "refine_time_limit", None)
+    chunk, cache = None, True
+    if isinstance(config, GlobeConfig):  # chunks of experts where all at once would not fit (globe.am.refine_plan)
+        from globe.am import refine_plan
+
+        chunk, cache = refine_plan(config, *W.shape, fit.A.shape[2], fit.bank.shape[0], fit.A.device, fit.A.dtype)
+    fit.metrics["refine.chunk_experts"] = chunk
+    fit.metrics["refine.cache_factors"] = cache
     t0 = time.perf_counter()
-    res = refine_fit(fit, W, phi, steps=steps, method=method, lr=lr,
-                     fit_mean=center, time_limit=time_limit, callback=recorder("refine"))
+    res = refine_fit(fit, W, phi, steps=steps, method=method, lr=lr, fit_mean=center, time_limit=time_limit,
+                     chunk_experts=chunk, cache_factors=cache, callback=recorder("refine"))
     fit.bank, fit.alpha, fit.A = res.bank, res.alpha, res.A
     if center and res.mean is not None:
         fit.normalization.mean = res.mean.to(fit.normalization.mean)
@@ -976,6 +1184,7 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
         left = None if time_limit is None else max(0.0, float(time_limit) - (time.perf_counter() - t0))
         fin = refine(Wd, fit.bank, fit.alpha, fit.A, phi, steps=n_final, method=method, mean=mean,
                      fit_mean=mean is not None, rescale=False, patience=n_final + 1, lr=lr, time_limit=left,
+                     chunk_experts=chunk, cache_factors=cache,
                      eval_every=1 if second_order else max(1, n_final // 5), callback=recorder("refine_final"))
         fit.bank, fit.alpha, fit.A = fin.bank, fin.alpha, fin.A
         if mean is not None and fin.mean is not None:
