@@ -284,15 +284,18 @@ def _step_ms(kind: str, Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, a
     return sorted(times)[len(times) // 2]
 
 
-def _gn_iteration_ms(Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, args) -> float:
+def _gn_iteration_ms(Wg: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, args,
+                     chunk: int | None = None, cache: bool = True) -> float:
     """Median ms per varpro_gn iteration: --step-reps runs of :func:`globe.refine.refine` with
     max(1, --step-count // 10) iterations each, one record at the end (its setup, the exact adapters and one
-    objective, is included and spread over the iterations)."""
+    objective, is included and spread over the iterations); chunk / cache: refine's chunk_experts /
+    cache_factors."""
     n = max(1, args.step_count // 10)
     times = []
     for _ in range(args.step_reps):
         c = _clock(Wg.device)
-        refine(Wg, bank, alpha, A, "identity", method="varpro_gn", kmax=K, steps=n, eval_every=n, patience=n + 1)
+        refine(Wg, bank, alpha, A, "identity", method="varpro_gn", kmax=K, steps=n, eval_every=n, patience=n + 1,
+               chunk_experts=chunk, cache_factors=cache)
         times.append((_clock(Wg.device) - c) / n * 1e3)
     return sorted(times)[len(times) // 2]
 
@@ -304,7 +307,8 @@ def step_times(args) -> None:
     :func:`globe.refine.objective` (the refinement before the written-out gradients), joint Adam with
     :func:`globe.refine.objective_grads`, varpro's step (exact adapters, then Adam on bank and codes), and one
     varpro_gn iteration (a Levenberg-Marquardt bank step of up to 20 CG products, a codes step, exact
-    adapters; see :func:`_gn_iteration_ms`). ``--device cuda`` runs it on the GPU."""
+    adapters; see :func:`_gn_iteration_ms`). ``--device cuda`` runs it on the GPU. ``--step-chunk C`` adds the
+    varpro_gn iteration in chunks of C experts, with its Gauss-Newton factors cached and recomputed."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.step_shape:
@@ -320,9 +324,11 @@ def step_times(args) -> None:
     clock = "wall" if device.type == "cuda" else "CPU"
     print(f"\n### {clock} ms per refinement step (N={N}, p={p}, d={d}, m={m}, {where}, median of "
           f"{args.step_reps} x {args.step_count} steps)\n")
+    C = args.step_chunk
+    extra = f" varpro_gn, chunks of {C}, cached | recomputed | chunked / all at once |" if C else ""
     print("| r | Adam, autograd | Adam, written-out gradients | varpro | varpro_gn iteration | autograd / "
-          "written-out | varpro_gn / varpro |")
-    print("|---|---|---|---|---|---|---|")
+          "written-out | varpro_gn / varpro |" + extra)
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|" if C else ""))
     for r in args.step_ranks:
         g = torch.Generator().manual_seed(0)
         bank = (torch.randn(m, r, d, generator=g) / r**0.5).to(device)
@@ -331,8 +337,11 @@ def step_times(args) -> None:
         auto, manual, vp = (_step_ms(kind, Wg, A, bank, alpha, args)
                             for kind in ("autograd", "written-out", "varpro"))
         gn = _gn_iteration_ms(Wg, A, bank, alpha, args)
-        print(f"| {r} | {auto:.1f} | {manual:.1f} | {vp:.1f} | {gn:.1f} | {auto / manual:.2f} | {gn / vp:.1f} |",
-              flush=True)
+        row = f"| {r} | {auto:.1f} | {manual:.1f} | {vp:.1f} | {gn:.1f} | {auto / manual:.2f} | {gn / vp:.1f} |"
+        if C:
+            cached, recomputed = (_gn_iteration_ms(Wg, A, bank, alpha, args, C, cache) for cache in (True, False))
+            row += f" {cached:.1f} | {recomputed:.1f} | {cached / gn:.2f} / {recomputed / gn:.2f} |"
+        print(row, flush=True)
 
 
 def main() -> None:
@@ -362,6 +371,8 @@ def main() -> None:
     ap.add_argument("--step-shape", default=None, metavar="N,p,d,m",
                     help="--step-time on random experts of this shape instead of the suites'")
     ap.add_argument("--device", default="cpu", help="--step-time's device (cpu or cuda)")
+    ap.add_argument("--step-chunk", type=int, default=0, metavar="C",
+                    help="--step-time: also a varpro_gn iteration in chunks of C experts (refine's chunk_experts)")
     args = ap.parse_args()
     if args.step_time:
         print(f"## bench_refine --step-time ({platform.processor() or platform.machine()}, torch "

@@ -24,7 +24,7 @@
 #      system (side m r = 98304) is refused and the matrix-free solver runs;
 #   6. milliseconds per refinement step at one Qwen3-30B-A3B layer's shapes (128 experts of 768 x 2048, m = 32,
 #      r = 192 and 384; bench/bench_refine.py --step-time --device cuda): joint Adam, varpro, a varpro_gn
-#      iteration.
+#      iteration, and that iteration in chunks of 32 experts (the refinement's chunk_experts).
 # Without a CUDA device the script still runs, as a dry run of itself: small shapes, CPU benchmarks, and the
 # summary says so. Nothing is written outside OUTDIR except the usual caches (the extension's just-in-time build in
 # ~/.cache/globe_kernels, Triton's kernel cache, pip/torch caches): no .pytest_cache, no __pycache__, no
@@ -61,7 +61,8 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
     DECODE_ARGS=(--device cuda --dtype bfloat16 --shape qwen3-medium)
     AM_ARGS=(--device cuda --steps 3 --weight-aware)
     AM_GLOBAL_ARGS=(--device cuda --steps 2 --weight-aware --layers 8 --solvers dense,cg)
-    REFINE_ARGS=(--step-time --device cuda --step-shape 128,768,2048,32 --step-ranks 192 384 --step-reps 5)
+    REFINE_ARGS=(--step-time --device cuda --step-shape 128,768,2048,32 --step-ranks 192 384 --step-reps 5
+                 --step-chunk 32)
 else
     CUDA=0
     SIZE=small
@@ -69,7 +70,8 @@ else
     DECODE_ARGS=(--device cpu --repeats 1)
     AM_ARGS=(--device cpu --small --steps 2)
     AM_GLOBAL_ARGS=(--device cpu --small --steps 1 --weight-aware --layers 2 --solvers dense,cg)
-    REFINE_ARGS=(--step-time --device cpu --step-shape 32,48,96,8 --step-ranks 16 24 --step-reps 2 --step-count 10)
+    REFINE_ARGS=(--step-time --device cpu --step-shape 32,48,96,8 --step-ranks 16 24 --step-reps 2 --step-count 10
+                 --step-chunk 8)
     echo "no CUDA device: dry run on CPU (small shapes)" >&2
 fi
 

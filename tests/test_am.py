@@ -401,7 +401,9 @@ def test_refinement_is_chunked_where_it_must_and_refused_where_it_cannot_fit(mon
     assert 1 <= chunk < 6144 and cache
     sizes = (128, 768, 2048, 384)
     assert refine_memory_bytes(*sizes, "auto") == max(refine_memory_bytes(*sizes, m) for m in ("varpro", "varpro_gn"))
-    assert refine_memory_bytes(*sizes, "varpro", torch.float64) == 2 * refine_memory_bytes(*sizes, "varpro")
+    fixed = 256 * 2**20  # buffers of a fixed size, whatever the dtype
+    assert refine_memory_bytes(*sizes, "varpro", torch.float64) - fixed == 2 * (refine_memory_bytes(*sizes, "varpro")
+                                                                                 - fixed)
     assert refine_memory_bytes(*sizes, "varpro", chunk=16) < refine_memory_bytes(*sizes, "varpro")
     assert plan_refine_chunks(*sizes, "adam", 10**15) == (None, True, refine_memory_bytes(*sizes, "adam"))
     with pytest.raises(ValueError, match="unknown refinement method"):

@@ -92,10 +92,11 @@ class GlobeConfig:
     (:func:`globe.budget.choose_by_budget`) and records the candidates; the r, m, scope and center given here
     are replaced by the winner's. refine_steps: iterations of the refinement through phi after the AM
     (:func:`globe.refine.apply_refinement`, early-stopped on the held-out experts); None or 0: no refinement,
-    which phi other than "identity" does not allow (fit_bank raises ConfigError). The refinement holds all of
-    a bank's experts at once: fit_bank refuses, before the AM starts, one whose estimated memory
-    (:func:`globe.refine.refine_memory_bytes` plus the experts twice) exceeds the device's memory or
-    GLOBE_REFINE_MAX_GB (at the global scope of Qwen3-30B-A3B, r = 384: about 300 GiB). refine_method: "auto" (the
+    which phi other than "identity" does not allow (fit_bank raises ConfigError). Where all of a bank's experts
+    at once would exceed the device's memory or GLOBE_REFINE_MAX_GB (:func:`globe.am.refine_plan`), the
+    refinement works on chunks of experts (the same steps; at the global scope of Qwen3-30B-A3B, r = 384,
+    m = 1536: about 180 GiB with the experts instead of 390); fit_bank refuses, before the AM starts, only a
+    refinement that does not fit even one expert at a time. refine_method: "auto" (the
     default: "varpro_gn" where the AM's adapters are badly conditioned, "varpro" elsewhere; see
     :func:`globe.refine.auto_method`), "varpro" (the adapters solved exactly every step, Adam on bank and
     codes), "varpro_gn" (the adapters solved exactly, preconditioned Gauss-Newton steps on the bank, Adam on the

@@ -67,7 +67,8 @@ seconds.
 
 Everything runs on the device of W (CUDA included); the bank step and the products with codes go through
 ``ops.compose``; the codes step materialises at most ``chunk`` x (candidates) atoms of r x d at a time, never
-experts x m x r x d.
+experts x m x r x d. With ``chunk_experts`` every step is summed over chunks of experts, so that the global scope
+of a real model fits (:func:`plan_refine_chunks` picks the chunk for a memory limit).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ REFINE_MEMORY = {"varpro_gn": (3.5, 6.0), "gn": (5.0, 6.0), "varpro": (4.0, 4.0)
 REFINE_PERSISTENT = 4
 REFINE_CACHE = 3
 REFINE_BANK_COPIES = 10
+REFINE_FIXED = 256 * 2**20  # bytes: buffers of a fixed size (chunks of the error sums) and the allocator's slack
 # initial bank rescale for a nonlinear φ: None keeps the bank; a number is the target RMS of the mixture
 _GAINS = (None, 0.05, 0.25, 0.5, 1.0, 2.0)
 
@@ -378,19 +380,20 @@ def refine_memory_bytes(N: int, p: int, d: int, r: int, method: str, dtype: torc
     chunks of ``chunk`` experts: those multiples for one chunk, plus :data:`REFINE_PERSISTENT` adapter-sized
     tensors [N, p, r] (two more for "adam"'s moments) and, for the Gauss-Newton bank step with ``cache``, its
     :data:`REFINE_CACHE` [N, r, d] factors. Both add :data:`REFINE_BANK_COPIES` bank-sized tensors [m, r, d]
-    (the measured multiples were taken at m = 12, where the bank is negligible)."""
+    (the measured multiples were taken at m = 12, where the bank is negligible), and :data:`REFINE_FIXED`."""
     if method not in METHODS:
         raise ValueError(f"unknown refinement method {method!r}; methods: {METHODS}")
     item = torch.empty((), dtype=dtype).element_size()
     names = ("varpro_gn", "varpro") if method == "auto" else (method,)
     bank = REFINE_BANK_COPIES * m * r * d
     if chunk is None or chunk >= N:
-        return int((max(a * N * p * d + b * N * r * d for a, b in (REFINE_MEMORY[n] for n in names)) + bank) * item)
+        work = max(a * N * p * d + b * N * r * d for a, b in (REFINE_MEMORY[n] for n in names))
+        return int((work + bank) * item) + REFINE_FIXED
     C = max(1, int(chunk))
     work = max(a * C * p * d + b * C * r * d for a, b in (REFINE_MEMORY[n] for n in names))
     persistent = (REFINE_PERSISTENT + (2 if method == "adam" else 0)) * N * p * r
     cached = REFINE_CACHE * N * r * d if cache and any(n in SECOND_ORDER_METHODS for n in names) else 0
-    return int((work + persistent + cached + bank) * item)
+    return int((work + persistent + cached + bank) * item) + REFINE_FIXED
 
 
 def plan_refine_chunks(N: int, p: int, d: int, r: int, method: str, limit_bytes: int, *,
@@ -867,6 +870,8 @@ def refine(
     t_start = time.perf_counter()
     dtype, device = W.dtype, W.device
     m = bank.shape[0]
+    N = W.shape[0]
+    chunk = None if chunk_experts is None or int(chunk_experts) >= N else max(1, int(chunk_experts))
     if isinstance(alpha, SparseCodes):
         alpha = to_dense_codes(alpha, m)
     alpha = alpha.to(device=device, dtype=dtype)
@@ -878,14 +883,14 @@ def refine(
                 None if mean is None else mean.to(device=device, dtype=dtype).clone())
     eval_every = eval_every or (1 if method in SECOND_ORDER_METHODS else 25)
 
-    w_energy = float(W.double().pow(2).sum())
-    v_energy = float(val_W.double().pow(2).sum()) if val_W is not None else 0.0
+    def energy(X: torch.Tensor) -> float:  # in chunks: no float64 copy of the experts
+        return sum(float(X[s].pow(2).sum(dtype=torch.float64)) for s in _slices(X.shape[0], chunk or _ERROR_CHUNK))
+
+    w_energy = energy(W)
+    v_energy = energy(val_W) if val_W is not None else 0.0
 
     def rel(Fsum: float, energy: float) -> float:
         return math.sqrt(max(Fsum, 0.0) / max(energy, 1e-300))
-
-    N = W.shape[0]
-    chunk = None if chunk_experts is None or int(chunk_experts) >= N else max(1, int(chunk_experts))
 
     def target(s: _State | None = None) -> _Targets:
         return _Targets(W, (st if s is None else s).mean)
@@ -949,7 +954,7 @@ def refine(
     lam_b = [1e-3]
     opt = None
     if method in ("adam", "varpro"):
-        rms = [float(t.double().pow(2).mean().sqrt()) or 1.0 for t in (st.A, st.bank)]
+        rms = [math.sqrt(float(t.pow(2).sum(dtype=torch.float64)) / max(1, t.numel())) or 1.0 for t in (st.A, st.bank)]
         groups = [(st.bank, lr * rms[1]), (st.alpha, lr / kmax)]
         if method == "adam":
             groups.insert(0, (st.A, lr * rms[0]))
@@ -1126,7 +1131,9 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     for "gn" and "varpro_gn", a tenth of ``refine_steps`` (at least 10) otherwise, within what is left of
     ``refine_time_limit``; records ``"stage": "refine_final"``), kept only where it lowers the error over all
     experts. fit.metrics' rel_error_all and support statistics then describe the refined factors (the AM's
-    under "am.*"). Returns fit.
+    under "am.*"). For a GlobeConfig the refinement works on chunks of experts where all of them at once would
+    not fit in memory (:func:`globe.am.refine_plan`; ``refine.chunk_experts``, None for all at once, and
+    ``refine.cache_factors`` in fit.metrics). Returns fit.
     Nothing happens (but ``fit.phi`` is set) when φ is the identity and refine_steps is 0.
     """
     phi = check_phi(getattr(config, "phi", "identity"))
