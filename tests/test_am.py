@@ -383,7 +383,7 @@ def test_refinement_is_chunked_where_it_must_and_refused_where_it_cannot_fit(mon
 
     cfg = GlobeConfig(refine_steps=10)
     cpu, f32 = torch.device("cpu"), torch.float32
-    # Qwen3-30B-A3B at global scope (48 x 128 experts of 768 x 2048, r = 384, m = 1536): about 280 GiB all at
+    # Qwen3-30B-A3B at global scope (48 x 128 experts of 768 x 2048, r = 384, m = 1536): about 200 GiB all at
     # once besides the experts (three fp32 copies, 108 GiB); in chunks of experts it needs about 72 GiB more
     monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "141")  # an H200
     with pytest.raises(ConfigError, match=r"GlobeConfig\.refine_steps: .*N=6144 .*r=384.*one expert at a time"

@@ -358,10 +358,11 @@ def test_auto_method_follows_the_adapters_conditioning():
 def test_chunked_refinement_matches_all_at_once(phi, method, cache):
     """chunk_experts only changes how the sums over experts are formed: the same iterates (float64, 1e-6 relative on
     the errors and 1e-5 on the factors), here with a fitted mean, held-out experts, chunks of 4 of 13 training
-    experts (the last chunk short) and 1 of 3 held-out ones. "gn" takes its code and adapter steps' relative
+    experts (the last chunk short) and of 5 held-out ones. "gn" takes its code and adapter steps' relative
     ridges over the experts of a chunk (at the default lambda_A its errors then differ by about 1e-4 relative
-    after three steps here), so it is compared without the ridge."""
-    W, _, _, _ = planted(N=16, seed=21, phi=phi, noise=0.1)
+    after three steps here), so it is compared without the ridge; so do the held-out experts' fits, whose
+    errors are compared at 1e-5 (they differ by about 1e-6 here) and their adapters not at all."""
+    W, _, _, _ = planted(N=18, seed=21, phi=phi, noise=0.1)
     W = W + 0.5
     Wt, Wv = W[:13], W[13:]
     M = Wt.mean(0)
@@ -373,11 +374,10 @@ def test_chunked_refinement_matches_all_at_once(phi, method, cache):
     part = refine(Wt, bank, alpha, A, phi, chunk_experts=4, cache_factors=cache, **kw)
     for a, b in zip(full.history, part.history):
         assert math.isclose(a["rel_error"], b["rel_error"], rel_tol=1e-6)
-        assert math.isclose(a["rel_error_val"], b["rel_error_val"], rel_tol=1e-6)
+        assert math.isclose(a["rel_error_val"], b["rel_error_val"], rel_tol=1e-5)
     assert len(full.history) == len(part.history) and full.best_step == part.best_step
     assert full.history[-1]["rel_error"] < full.history[0]["rel_error"]  # it moved: the comparison means something
-    for x, y in ((full.bank, part.bank), (full.A, part.A), (full.alpha, part.alpha), (full.mean, part.mean),
-                 (full.val_A, part.val_A)):
+    for x, y in ((full.bank, part.bank), (full.A, part.A), (full.alpha, part.alpha), (full.mean, part.mean)):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
     # the returned error is that of the returned factors
     assert math.isclose(rel(Wt, part.A, part.bank, part.alpha, phi, part.mean), part.rel_error, rel_tol=1e-9)

@@ -115,9 +115,9 @@ DEFAULT_LR = {"gn": 0.01, "adam": 0.1, "varpro": 0.1, "varpro_gn": 0.01}
 AUTO_KAPPA = 1e4
 # peak working memory of refine() beyond its inputs: (multiples of W [N, p, d], of one [N, r, d] tensor), the
 # least-squares fits of bench/bench_refine_memory.py (CPU, N 256 and 512, p=96, d=384, r 32-95) rounded up:
-# varpro_gn 3.27 / 5.52, varpro 3.85 / 3.65, adam 3.80 / 3.76; gn's fit is noisy (its code step also holds
-# fixed-size chunks, about 0.2 GB), so it takes varpro_gn's bank term and its own larger W term
-REFINE_MEMORY = {"varpro_gn": (3.5, 6.0), "gn": (5.0, 6.0), "varpro": (4.0, 4.0), "adam": (4.0, 4.0)}
+# varpro_gn 0.45 / 6.33, varpro 0.12 / 3.26, adam 1.06 / 2.74, gn 0.88 / 2.31 (gn's fit is noisy: its code step
+# also holds fixed-size chunks), each with a fixed 50-340 MB (REFINE_FIXED)
+REFINE_MEMORY = {"varpro_gn": (1.0, 6.5), "gn": (1.5, 3.0), "varpro": (0.5, 3.5), "adam": (1.5, 3.0)}
 # in chunks of experts (chunk_experts): adapter-sized tensors [N, p, r] held across chunks (the state, the step's
 # new adapters, the best state so far, one spare), the cached Gauss-Newton factors as [N, r, d] tensors (the
 # projection's two, φ' for a nonlinear φ), and bank-sized tensors [m, r, d] (state, best, new, gradient, Adam's
@@ -855,7 +855,8 @@ def refine(
     computation, summed over chunks: nothing of size [N, p, d] beyond W itself and nothing of size [N, r, d]
     is formed, so the working memory is that of one chunk plus the adapters (:func:`refine_memory_bytes`,
     :func:`plan_refine_chunks`). The relative ridges are then taken over all experts, as unchunked; only the
-    "gn" codes and adapter steps take them over the experts of a chunk. cache_factors (with chunk_experts):
+    "gn" codes and adapter steps and the held-out experts' fits take them over the experts of a chunk (a
+    difference of about 1e-6 relative in the errors at the default lambda_A). cache_factors (with chunk_experts):
     keep each expert's Gauss-Newton factors (about two [N, r, d] tensors) for the bank step's products instead
     of recomputing them in every product ("gn", "varpro_gn").
     """
