@@ -620,8 +620,8 @@ def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: s
 
     Everything is summed over chunks of ``chunk`` experts (all at once when None). The product needs each
     expert's GA_i, φ'(U_i) and projection (two [r, d] factors): with ``cache`` they are kept from the first
-    pass (about two [N, r, d] tensors), otherwise recomputed chunk by chunk in every product (no [N, r, d]
-    tensor at all, for about 1.7x the cost of a product).
+    pass (two [N, r, d] tensors, three for a nonlinear φ), otherwise recomputed chunk by chunk in every product
+    (no [N, r, d] tensor at all; a varpro_gn iteration then takes 1.3-1.9x as long, bench/RESULTS.md).
     """
     N = w.shape[0]
     sl = _slices(N, chunk)
