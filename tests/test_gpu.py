@@ -141,3 +141,27 @@ def test_weight_aware_solvers_agree_on_the_device():
     assert free.bank.is_cuda and free.history[-1]["weight_aware_solver"] == "cg"
     e_dense, e_free = dense.metrics["rel_error_all"], free.metrics["rel_error_all"]
     assert abs(e_free - e_dense) <= 0.03 * e_dense, (e_free, e_dense)
+
+
+@pytest.mark.parametrize("method", ["varpro_gn", "varpro"])
+def test_chunked_refinement_on_the_device(method):
+    # the refinement in chunks of experts against all at once, on CUDA tensors throughout (float64: the
+    # difference is the chunking's, not TF32's), with a fitted mean and held-out experts in several chunks
+    import math
+
+    from globe.refine import linear_warm_start, refine
+    from test_refine import planted
+
+    W = planted(N=30, seed=4, noise=0.1)[0] + 0.5
+    Wt, Wv = W[:23].cuda(), W[23:].cuda()
+    M = Wt.mean(0)
+    bank, alpha, A = linear_warm_start(Wt - M, 3, 4, 2, iters=0, generator=torch.Generator().manual_seed(1))
+    kw = dict(method=method, steps=3 if method == "varpro_gn" else 12, mean=M, fit_mean=True, val_W=Wv,
+              eval_every=1 if method == "varpro_gn" else 4, patience=10)
+    full = refine(Wt, bank, alpha, A, "tanh", **kw)
+    for cache in (True, False):
+        part = refine(Wt, bank, alpha, A, "tanh", chunk_experts=5, cache_factors=cache, **kw)
+        assert part.bank.is_cuda
+        for a, b in zip(full.history, part.history):
+            assert math.isclose(a["rel_error"], b["rel_error"], rel_tol=1e-6)
+        torch.testing.assert_close(part.bank, full.bank, rtol=1e-5, atol=1e-5 * float(full.bank.abs().max()))
