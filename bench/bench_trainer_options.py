@@ -1,7 +1,7 @@
 """What the trainer's robustness and quality options buy, and at what cost: restarts, the final pass over held-out
 experts, the fitted mean, and the weight-aware moves.
 
-    PYTHONPATH=python:. python bench/bench_trainer_options.py [--sections restarts,final,mean,moves]
+    PYTHONPATH=python:. python bench/bench_trainer_options.py [--sections restarts,final,mean,moves,solver,supports]
 
 Sections (relative Frobenius errors against the original weights, wall seconds, ``--threads`` torch threads):
 
@@ -26,6 +26,10 @@ Sections (relative Frobenius errors against the original weights, wall seconds, 
   scope (r=95, m=12, no mean, 6 weight-aware steps), where both fit; then on a bank the dense solver refuses
   (lowrank_noise with 32 layers x 32 experts, r=64, m=512: a dense system of side 32768), against the proxy
   mode at the same r and m.
+* ``supports``: how many atoms the codes keep. The four synthetic suites (global scope, r=47, m=12, no mean, no
+  held-out experts, the default 30 steps with early stopping) in the proxy mode and the weight-aware mode with
+  entmax codes at target support 4 (a median the temperature aims at), and the weight-aware mode with the codes
+  capped at 4 (sparsity "topk"): error, median and largest support (what bank mode composes per expert).
 """
 
 from __future__ import annotations
@@ -168,7 +172,24 @@ def solver(args) -> None:
         print(f"| {label} | {rel(fit.reconstruct(), Wg):.4f} | {sec:.1f} | {peak:.2f} |")
 
 
-SECTIONS = {"restarts": restarts, "final": final_pass, "mean": fitted_mean, "moves": moves, "solver": solver}
+def supports(args) -> None:
+    print("\n### Code supports: entmax at target 4 against a cap of 4, global (r=47, m=12), no mean, 30 steps\n")
+    print("| suite | mode | error | median support | largest support | seconds |")
+    print("|---|---|---|---|---|---|")
+    modes = (("proxy, entmax", {}), ("weight-aware, entmax", dict(weight_aware=True)),
+             ("weight-aware, top 4", dict(weight_aware=True, sparsity="topk", top_k=4)))
+    for suite in ("planted", "planted_silu", "lowrank_noise", "clustered"):
+        W = make_suite(suite)
+        Wg = W.reshape(-1, *W.shape[2:])
+        for label, extra in modes:
+            fit, sec = timed_fit(Wg, r=47, m=12, val_fraction=0.0, target_support=4, center=False, **extra)
+            s = (fit.alpha != 0).sum(1).double()
+            print(f"| {suite} | {label} | {rel(fit.reconstruct(), Wg):.4f} | {s.median().item():.0f} | "
+                  f"{s.max().item():.0f} | {sec:.1f} |", flush=True)
+
+
+SECTIONS = {"restarts": restarts, "final": final_pass, "mean": fitted_mean, "moves": moves, "solver": solver,
+            "supports": supports}
 
 
 def main() -> None:
