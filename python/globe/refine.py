@@ -119,12 +119,13 @@ AUTO_KAPPA = 1e4
 # also holds fixed-size chunks), each with a fixed 50-340 MB (REFINE_FIXED)
 REFINE_MEMORY = {"varpro_gn": (1.0, 6.5), "gn": (1.5, 3.0), "varpro": (0.5, 3.5), "adam": (1.5, 3.0)}
 # in chunks of experts (chunk_experts): adapter-sized tensors [N, p, r] held across chunks (the state, the step's
-# new adapters, the best state so far, one spare), the cached Gauss-Newton factors as [N, r, d] tensors (the
-# projection's two, φ' for a nonlinear φ), and bank-sized tensors [m, r, d] (state, best, new, gradient, Adam's
-# two moments, the CG's vectors)
+# new adapters, the best state so far, one spare) and the cached Gauss-Newton factors as [N, r, d] tensors (the
+# projection's two, φ' for a nonlinear φ). Both ways: bank-sized tensors [m, r, d] (state, best, gradient, Adam's
+# moments; the Gauss-Newton step's CG vectors and trial bank), measured with --chunked-sizes 32:32:8:1024 (a bank
+# of 50 MB, 4 MB of experts): at most 13 for varpro_gn and gn, 8 for varpro and adam
 REFINE_PERSISTENT = 4
 REFINE_CACHE = 3
-REFINE_BANK_COPIES = 10
+REFINE_BANK_COPIES = {"varpro_gn": 14, "gn": 14, "varpro": 9, "adam": 9}
 REFINE_FIXED = 256 * 2**20  # bytes: buffers of a fixed size (chunks of the error sums) and the allocator's slack
 # initial bank rescale for a nonlinear φ: None keeps the bank; a number is the target RMS of the mixture
 _GAINS = (None, 0.05, 0.25, 0.5, 1.0, 2.0)
@@ -380,12 +381,13 @@ def refine_memory_bytes(N: int, p: int, d: int, r: int, method: str, dtype: torc
     chunks of ``chunk`` experts: those multiples for one chunk, plus :data:`REFINE_PERSISTENT` adapter-sized
     tensors [N, p, r] (two more for "adam"'s moments) and, for the Gauss-Newton bank step with ``cache``, its
     :data:`REFINE_CACHE` [N, r, d] factors. Both add :data:`REFINE_BANK_COPIES` bank-sized tensors [m, r, d]
-    (the measured multiples were taken at m = 12, where the bank is negligible), and :data:`REFINE_FIXED`."""
+    (the multiples of W and [N, r, d] were measured at m = 12, where the bank is negligible), and
+    :data:`REFINE_FIXED`."""
     if method not in METHODS:
         raise ValueError(f"unknown refinement method {method!r}; methods: {METHODS}")
     item = torch.empty((), dtype=dtype).element_size()
     names = ("varpro_gn", "varpro") if method == "auto" else (method,)
-    bank = REFINE_BANK_COPIES * m * r * d
+    bank = max(REFINE_BANK_COPIES[n] for n in names) * m * r * d
     if chunk is None or chunk >= N:
         work = max(a * N * p * d + b * N * r * d for a, b in (REFINE_MEMORY[n] for n in names))
         return int((work + bank) * item) + REFINE_FIXED
@@ -480,7 +482,7 @@ class _Adam:
         for (x, lr, m1, m2), g in zip(self.items, grads):
             m1.mul_(self.b1).add_(g, alpha=1 - self.b1)
             m2.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            x.addcdiv_(m1, (m2.sqrt() / math.sqrt(c2)).add_(self.eps), value=-lr / c1)
+            x.addcdiv_(m1, m2.sqrt().div_(math.sqrt(c2)).add_(self.eps), value=-lr / c1)
 
 
 @dataclass
@@ -573,15 +575,23 @@ def _codes_step(Z, st: _State, phi: str, kmax: int, extra: int, damp: torch.Tens
     return torch.where(ok, F_new, F_old)
 
 
+_DOT_BLOCK = 1 << 22  # elements per block of _dot's products
+
+
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """<x, y> accumulated in float64 without float64 copies of x and y."""
-    return (x * y).sum(dtype=torch.float64)
+    """<x, y> accumulated in float64, without float64 copies of x and y and in blocks of rows (x and y may be
+    bank-sized: no temporary of their size)."""
+    rows = max(1, _DOT_BLOCK // max(1, x[0].numel())) if x.dim() > 0 and x.shape[0] else 1
+    if x.dim() == 0 or x.shape[0] <= rows:
+        return (x * y).sum(dtype=torch.float64)
+    return sum((x[i:i + rows] * y[i:i + rows]).sum(dtype=torch.float64) for i in range(0, x.shape[0], rows))
 
 
 def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
         tol: float, precond: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Solve matvec(x) = b by (preconditioned) conjugate gradient from x = 0; stops when the preconditioned
-    residual norm falls below tol times its start, or on non-positive curvature."""
+    residual norm falls below tol times its start, or on non-positive curvature. The vectors are updated in
+    place: five of b's size at once besides what matvec and precond allocate (the bank step's are bank-sized)."""
     x = torch.zeros_like(b)
     res = b.clone()
     z = res if precond is None else precond(res)
@@ -596,11 +606,13 @@ def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: 
         if pAp <= 0:
             break
         a = rz / pAp
-        x = x + a * p
-        res = res - a * Ap
+        x.add_(p, alpha=a)
+        res.sub_(Ap, alpha=a)
+        del Ap
+        z = None  # the previous preconditioned residual is not needed any more
         z = res if precond is None else precond(res)
         rz_new = float(_dot(res, z))
-        p = z + (rz_new / rz) * p
+        p.mul_(rz_new / rz).add_(z)
         rz = rz_new
     return x
 
@@ -648,7 +660,7 @@ def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: s
     for s in sl:
         gU, dphi, GA, perp = factors(s, True)
         ws = w[s]
-        grad += (ws.T @ gU.reshape(ws.shape[0], -1)).reshape(bank.shape)
+        grad.view(grad.shape[0], -1).addmm_(ws.T, gU.reshape(ws.shape[0], -1))
         del gU
         c = dphi.pow(2).mean(dim=(1, 2)) if dphi is not None else torch.ones_like(ws[:, 0])
         H += 2 * torch.einsum("ij,iab->jab", ws.pow(2) * c[:, None], GA)
@@ -667,7 +679,7 @@ def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: s
             X = perp(GA @ dB)
             if dphi is not None:
                 X = dphi * X
-            out += 2 * (ws.T @ X.reshape(ws.shape[0], -1)).reshape(V.shape)
+            out.view(out.shape[0], -1).addmm_(ws.T, X.reshape(ws.shape[0], -1), alpha=2)
         return out
 
     return grad, gn, H, D
@@ -691,10 +703,12 @@ def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, c
     equations with the Kaufman Jacobian, by conjugate gradient preconditioned with the atoms' blocks; the step
     is judged with the adapters re-solved exactly); lam[0] is the damping."""
     grad, gn, H, D = _bank_system(Z, st.A, st.bank, st.alpha, phi, lam_A, chunk, cache)
+    rhs = grad.neg_()  # in place: the gradient itself is not needed again
     F_tot = float(F_old.sum())
     for _ in range(tries):
         damp = lam[0] * D[:, None, None]
-        delta = _cg(lambda V, damp=damp: gn(V) + damp * V, -grad, cg_iters, 1e-4, _block_inverse(H, D, lam[0]))
+        delta = _cg(lambda V, damp=damp: gn(V).addcmul_(damp, V), rhs, cg_iters, 1e-4,
+                    _block_inverse(H, D, lam[0]))
         bank_new = st.bank + delta
         A_new, F_new = _exact(Z, bank_new, st.alpha, phi, lam_A, chunk)
         if float(F_new.sum()) < F_tot:
