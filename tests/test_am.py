@@ -383,17 +383,17 @@ def test_refinement_is_chunked_where_it_must_and_refused_where_it_cannot_fit(mon
 
     cfg = GlobeConfig(refine_steps=10)
     cpu, f32 = torch.device("cpu"), torch.float32
-    # Qwen3-30B-A3B at global scope (48 x 128 experts of 768 x 2048, r = 384, m = 1536): about 216 GiB all at
-    # once besides the experts (three fp32 copies, 108 GiB); in chunks of experts it needs about 90 GiB more
+    # Qwen3-30B-A3B at global scope (48 x 128 experts of 768 x 2048, r = 384, m = 1536): about 225 GiB all at
+    # once besides the experts (three fp32 copies, 108 GiB); in chunks of experts it needs about 99 GiB more
     monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "141")  # an H200
     with pytest.raises(ConfigError, match=r"GlobeConfig\.refine_steps: .*N=6144 .*r=384.*one expert at a time"
                                           r".*GLOBE_REFINE_MAX_GB=141.*scope='layer'"):
         refine_plan(cfg, 6144, 768, 2048, 384, 1536, cpu, f32)
     assert refine_plan(cfg, 128, 768, 2048, 384, 32, cpu, f32) == (None, True)  # one layer: all at once
-    monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "200")
+    monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "260")
     chunk, cache = refine_plan(cfg, 6144, 768, 2048, 384, 1536, cpu, f32)
     assert 1 <= chunk < 6144 and not cache  # the factors' cache (54 GiB) does not fit beside the chunks
-    left = 200 * 2**30 - 3 * 6144 * 768 * 2048 * 4
+    left = 260 * 2**30 - 3 * 6144 * 768 * 2048 * 4
     assert refine_memory_bytes(6144, 768, 2048, 384, "auto", m=1536, chunk=chunk, cache=False) <= left
     assert refine_memory_bytes(6144, 768, 2048, 384, "auto", m=1536, chunk=chunk + 1, cache=False) > left
     monkeypatch.setenv("GLOBE_REFINE_MAX_GB", "300")

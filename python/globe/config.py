@@ -95,7 +95,7 @@ class GlobeConfig:
     which phi other than "identity" does not allow (fit_bank raises ConfigError). Where all of a bank's experts
     at once would exceed the device's memory or GLOBE_REFINE_MAX_GB (:func:`globe.am.refine_plan`), the
     refinement works on chunks of experts (the same steps; at the global scope of Qwen3-30B-A3B, r = 384,
-    m = 1536: about 200 GiB with the experts instead of 324); fit_bank refuses, before the AM starts, only a
+    m = 1536: about 207 GiB with the experts instead of 333); fit_bank refuses, before the AM starts, only a
     refinement that does not fit even one expert at a time. refine_method: "auto" (the
     default: "varpro_gn" where the AM's adapters are badly conditioned, "varpro" elsewhere; see
     :func:`globe.refine.auto_method`), "varpro" (the adapters solved exactly every step, Adam on bank and

@@ -122,10 +122,10 @@ REFINE_MEMORY = {"varpro_gn": (1.0, 6.5), "gn": (1.5, 3.0), "varpro": (0.5, 3.5)
 # new adapters, the best state so far, one spare) and the cached Gauss-Newton factors as [N, r, d] tensors (the
 # projection's two, φ' for a nonlinear φ). Both ways: bank-sized tensors [m, r, d] (state, best, gradient, Adam's
 # moments; the Gauss-Newton step's CG vectors and trial bank), measured with --chunked-sizes 32:32:8:1024 (a bank
-# of 50 MB, 4 MB of experts): at most 13 for varpro_gn and gn, 8 for varpro and adam
+# of 50 MB, 4 MB of experts): up to 15 for varpro_gn (gn's bank step is the same), 7 for varpro and adam
 REFINE_PERSISTENT = 4
 REFINE_CACHE = 3
-REFINE_BANK_COPIES = {"varpro_gn": 14, "gn": 14, "varpro": 9, "adam": 9}
+REFINE_BANK_COPIES = {"varpro_gn": 16, "gn": 16, "varpro": 9, "adam": 9}
 REFINE_FIXED = 256 * 2**20  # bytes: buffers of a fixed size (chunks of the error sums) and the allocator's slack
 # initial bank rescale for a nonlinear φ: None keeps the bank; a number is the target RMS of the mixture
 _GAINS = (None, 0.05, 0.25, 0.5, 1.0, 2.0)
