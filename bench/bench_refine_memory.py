@@ -100,8 +100,7 @@ def main() -> None:
         child(method, N, r, C or None, bool(cache), m)
         return
     if args.chunked:
-        chunked([x for x in args.methods if x != "gn"] if args.methods == ap.get_default("methods")
-                else args.methods, args.chunked_sizes)
+        chunked(args.methods, args.chunked_sizes)
         return
     sizes = [tuple(int(x) for x in s.split(":")) for s in args.sizes]
     print(f"## Refinement working memory (p=96, d=384, m=12, torch {torch.__version__}, CPU)\n")

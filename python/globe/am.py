@@ -443,32 +443,14 @@ class _WeightAwareFree(_WeightAware):
             out = ridge * V
             for sl, codes in chunks:
                 X = GA[sl] @ ops.compose(V, codes)
-                out += (a[sl].T @ X.reshape(X.shape[0], -1)).reshape(m, r, d)
+                out.view(m, -1).addmm_(a[sl].T, X.reshape(X.shape[0], -1))
             return out
 
-        def dot(x: torch.Tensor, y: torch.Tensor) -> float:
-            return float((x * y).sum(dtype=torch.float64))
+        from globe.refine import _cg  # the refinement's bank step solves its system by the same CG
 
-        x = bank0.clone()
-        res = rhs - apply(x)
-        z = pre @ res
-        rz = dot(res, z)
-        rz0 = dot(rhs, pre @ rhs)
-        p, it = z, 0
-        while it < _WA_CG_ITERS and rz > (_WA_CG_TOL**2) * rz0:
-            Ap = apply(p)
-            pAp = dot(p, Ap)
-            if not pAp > 0:
-                break
-            step = rz / pAp
-            x += step * p
-            res -= step * Ap
-            z = pre @ res
-            rz_new = dot(res, z)
-            p = z + (rz_new / rz) * p
-            rz = rz_new
-            it += 1
-        return x, {"bank_cg_iters": float(it), "bank_cg_residual": math.sqrt(max(rz, 0.0) / max(rz0, 1e-300))}
+        info: dict[str, float] = {}
+        x = _cg(apply, rhs, _WA_CG_ITERS, _WA_CG_TOL, lambda v: pre @ v, x0=bank0, info=info)
+        return x, {"bank_cg_iters": info["iters"], "bank_cg_residual": info["residual"]}
 
 
 # --- weight-aware moves: support search and the spectral bank ------------------------------------------------

@@ -588,22 +588,26 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
-        tol: float, precond: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Solve matvec(x) = b by (preconditioned) conjugate gradient from x = 0; stops when the preconditioned
-    residual norm falls below tol times its start, or on non-positive curvature. The vectors are updated in
-    place: five of b's size at once besides what matvec and precond allocate (the bank step's are bank-sized)."""
-    x = torch.zeros_like(b)
-    res = b.clone()
+        tol: float, precond: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+        x0: torch.Tensor | None = None, info: dict[str, float] | None = None) -> torch.Tensor:
+    """Solve matvec(x) = b by (preconditioned) conjugate gradient from x0 (zero when None); stops when the
+    preconditioned residual norm falls below tol times that of b, or on non-positive curvature. The vectors
+    are updated in place: five of b's size at once besides what matvec and precond allocate (the bank steps'
+    are bank-sized). info, when given, receives "iters" and "residual" (the final relative residual)."""
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    res = b.clone() if x0 is None else b - matvec(x)
     z = res if precond is None else precond(res)
     p = z.clone()
     rz = float(_dot(res, z))
-    stop = tol * tol * rz
+    rz0 = rz if x0 is None else float(_dot(b, b if precond is None else precond(b)))
+    stop = tol * tol * rz0
+    it = 0
     for _ in range(iters):
         if rz <= stop or rz <= 0:
             break
         Ap = matvec(p)
         pAp = float(_dot(p, Ap))
-        if pAp <= 0:
+        if not pAp > 0:
             break
         a = rz / pAp
         x.add_(p, alpha=a)
@@ -614,6 +618,10 @@ def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: 
         rz_new = float(_dot(res, z))
         p.mul_(rz_new / rz).add_(z)
         rz = rz_new
+        it += 1
+    if info is not None:
+        info["iters"] = float(it)
+        info["residual"] = math.sqrt(max(rz, 0.0) / max(rz0, 1e-300))
     return x
 
 
@@ -728,19 +736,19 @@ def _mean_step(W, st: _State, phi: str, chunk: int | None = None) -> None:
     st.mean = (tot / W.shape[0]).to(W.dtype)
 
 
-def _chunked_steps(step: Callable[..., torch.Tensor], Z, st: _State, chunk: int | None, *per_expert,
-                   **kwargs) -> torch.Tensor:
+def _chunked_steps(step: Callable[..., torch.Tensor], Z, st: _State, chunk: int | None,
+                   *per_expert) -> torch.Tensor:
     """Run a step that treats every expert independently given the bank (``_codes_step``, ``_adapter_step``)
     one chunk of experts at a time; per_expert: tensors with a leading expert axis (sliced; damping updated in
     place through the view); returns the new F_i."""
     N = st.alpha.shape[0]
     sl = _slices(N, chunk)
     if len(sl) <= 1:
-        return step(Z[0:N], st, *per_expert, **kwargs)
+        return step(Z[0:N], st, *per_expert)
     F = torch.empty(N, dtype=torch.float64, device=st.alpha.device)
     for s in sl:
         sub = _State(st.A[s], st.bank, st.alpha[s], None)
-        F[s] = step(Z[s], sub, *[None if t is None else t[s] for t in per_expert], **kwargs)
+        F[s] = step(Z[s], sub, *[None if t is None else t[s] for t in per_expert])
         st.A[s], st.alpha[s] = sub.A, sub.alpha
     return F
 
@@ -1026,9 +1034,9 @@ def refine(
                 if fit_mean and st.mean is not None:
                     _mean_step(W, st, phi, chunk)
                 if method == "varpro":  # the adapters returned are the exact solve for what is returned
-                    st.A = _exact(target(), st.bank, st.alpha, phi, lambda_A, chunk)[0]
+                    st.A, Fi = _exact(target(), st.bank, st.alpha, phi, lambda_A, chunk)
             snap = _State(st.A.detach(), st.bank.detach(), st.alpha.detach(), st.mean)
-            if method in ("adam", "varpro"):  # the second-order methods' Fi is that of the current state already
+            if method == "adam":  # the other methods' Fi is that of the current state already
                 Fi = train_F(snap)
             rec = {"step": step, "time_s": time.perf_counter() - t_start,
                    "rel_error": rel(float(Fi.sum()), w_energy), "rel_error_val": validate(snap), "method": method}
