@@ -381,3 +381,22 @@ def test_chunked_refinement_matches_all_at_once(phi, method, cache):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
     # the returned error is that of the returned factors
     assert math.isclose(rel(Wt, part.A, part.bank, part.alpha, phi, part.mean), part.rel_error, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["varpro_gn", "gn", "varpro", "adam"])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_refine_takes_factors_in_any_memory_layout(method, chunk):
+    """The AM returns its bank and adapters as transposed views; refining from them directly (as a user of
+    fit_bank's result does) takes the same steps as from contiguous copies (it once failed in the bank step's
+    in-place sums)."""
+    W, _, _, _ = planted(N=9, seed=31, noise=0.1)
+    bank, alpha, A = linear_warm_start(W, 3, 4, 2, iters=0, generator=torch.Generator().manual_seed(4))
+    bank_t = bank.transpose(1, 2).contiguous().transpose(1, 2)
+    A_t = A.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not bank_t.is_contiguous() and not A_t.is_contiguous()
+    kw = dict(method=method, steps=3, eval_every=1, patience=10, chunk_experts=chunk)
+    ref = refine(W, bank, alpha, A, "identity", **kw)
+    got = refine(W, bank_t, alpha, A_t, "identity", **kw)
+    assert got.history[-1]["rel_error"] < got.history[0]["rel_error"]
+    for a, b in zip(ref.history, got.history):
+        assert math.isclose(a["rel_error"], b["rel_error"], rel_tol=1e-9)

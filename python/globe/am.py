@@ -440,7 +440,7 @@ class _WeightAwareFree(_WeightAware):
         chunks = [(sl, ops.to_sparse_codes(a[sl])) for sl in self._chunks(n)]  # supports only: a gather each
 
         def apply(V: torch.Tensor) -> torch.Tensor:
-            out = ridge * V
+            out = (ridge * V).contiguous()  # accumulated through a view
             for sl, codes in chunks:
                 X = GA[sl] @ ops.compose(V, codes)
                 out.view(m, -1).addmm_(a[sl].T, X.reshape(X.shape[0], -1))

@@ -662,7 +662,7 @@ def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: s
         perp = _perp(Bt, lam_A, ridge) if lam_A is not None else (lambda X: X)
         return gU, dphi, GA, perp
 
-    grad = torch.zeros_like(bank)
+    grad = torch.zeros(bank.shape, dtype=bank.dtype, device=bank.device)  # contiguous: accumulated through a view
     H = torch.zeros(bank.shape[0], bank.shape[1], bank.shape[1], dtype=bank.dtype, device=bank.device)
     kept = []
     for s in sl:
@@ -677,7 +677,7 @@ def _bank_system(Z, A: torch.Tensor, bank: torch.Tensor, w: torch.Tensor, phi: s
     D = (H.diagonal(dim1=1, dim2=2).sum(1) / H.shape[1]).clamp_min(1e-30)
 
     def gn(V: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(V)
+        out = torch.zeros(V.shape, dtype=V.dtype, device=V.device)
         for i, s in enumerate(sl):
             dphi, GA, perp = kept[i] if kept else factors(s, False)[1:]
             ws = w[s]
@@ -902,7 +902,9 @@ def refine(
         kmax = max(1, int((alpha > 0).sum(1).max()))
     kmax = min(kmax, m)
     alpha = sparse_simplex_projection(alpha, kmax)
-    st = _State(A.to(device=device, dtype=dtype).clone(), bank.to(device=device, dtype=dtype).clone(), alpha,
+    dense = torch.contiguous_format  # a transposed bank or adapters (as the AM returns them) are laid out afresh
+    st = _State(A.to(device=device, dtype=dtype).clone(memory_format=dense),
+                bank.to(device=device, dtype=dtype).clone(memory_format=dense), alpha,
                 None if mean is None else mean.to(device=device, dtype=dtype).clone())
     eval_every = eval_every or (1 if method in SECOND_ORDER_METHODS else 25)
 
