@@ -648,6 +648,21 @@ def test_refinement_final_pass_lets_the_bank_fit_the_held_out_experts():
         assert f.metrics["support_median"] == float((f.alpha != 0).sum(1).double().median())
 
 
+def test_refinement_final_pass_takes_the_steps_the_validated_stage_left():
+    """The validated stage stops as soon as the held-out error stops falling (here after its patience of 5
+    steps, none better than the start); the pass over all experts then runs the rest of refine_steps instead of
+    final_steps (1 here), and lowers the error over all experts well below where it started."""
+    W, _ = planted(N=32, seed=0, noise=0.1)
+    fit = fit_bank(W, GlobeConfig(r=6, m=6, target_support=2, weight_aware=True, steps=4, val_fraction=0.25,
+                                  center=False, refine_steps=15, refine_method="varpro_gn", final_steps=1))
+    M = fit.metrics
+    assert M["refine.best_step"] == 0 and M["refine.steps_run"] < 15  # validation stopped the first stage
+    ran = M["refine.final_steps_run"]
+    assert ran == 15 - M["refine.steps_run"] or (M["refine.final_stopped_early"] and ran > 1)
+    assert M["refine.final_rel_error"] < 0.9 * M["refine.final_rel_error_start"]
+    assert math.isclose(M["rel_error_all"], rel(fit.reconstruct(), W), rel_tol=1e-4)
+
+
 @pytest.mark.parametrize("restarts", [1, 2])
 def test_refined_summary_in_chunks_of_experts(monkeypatch, restarts):
     # the refined error is summed over chunks of experts (no full-size float64 copy); chunks of 7 of 32 experts;

@@ -91,7 +91,9 @@ class GlobeConfig:
     then chooses r, m, scope and center by a short search on a sample of experts
     (:func:`globe.budget.choose_by_budget`) and records the candidates; the r, m, scope and center given here
     are replaced by the winner's. refine_steps: iterations of the refinement through phi after the AM
-    (:func:`globe.refine.apply_refinement`, early-stopped on the held-out experts); None or 0: no refinement,
+    (:func:`globe.refine.apply_refinement`: early-stopped on the held-out experts, then continued over all
+    experts with the steps left, as a bank refined on some experts alone soon fits the others worse); None or
+    0: no refinement,
     which phi other than "identity" does not allow (fit_bank raises ConfigError). Where all of a bank's experts
     at once would exceed the device's memory or GLOBE_REFINE_MAX_GB (:func:`globe.am.refine_plan`), the
     refinement works on chunks of experts (the same steps; at the global scope of Qwen3-30B-A3B, r = 384,
