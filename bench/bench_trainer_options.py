@@ -2,7 +2,7 @@
 experts, the fitted mean, and the weight-aware moves.
 
     PYTHONPATH=python:. python bench/bench_trainer_options.py \
-        [--sections restarts,final,mean,moves,solver,supports,refine_val]
+        [--sections restarts,final,mean,moves,solver,supports,supports_refined,refine_val]
 
 Sections (relative Frobenius errors against the original weights, wall seconds, ``--threads`` torch threads):
 
@@ -31,6 +31,11 @@ Sections (relative Frobenius errors against the original weights, wall seconds, 
   held-out experts, the default 30 steps with early stopping) in the proxy mode and the weight-aware mode with
   entmax codes at target support 4 (a median the temperature aims at), and the weight-aware mode with the codes
   capped at 4 (sparsity "topk"): error, median and largest support (what bank mode composes per expert).
+* ``supports_refined``: the same two weight-aware code modes through the trainer's whole path with the
+  refinement (2 AM steps, then ``refine_method`` "auto" for ``--refine-val-time`` seconds, no held-out experts, no
+  mean, as bench_time_to_error's GloBE side) at budgets ``--supports-budgets`` (r from the budget at m=12):
+  error, median and largest support of the refined codes (the refinement keeps at most the AM's largest
+  support), wall seconds.
 * ``refine_val``: the refinement with the trainer's default held-out experts (val_fraction 0.1, final_steps 3)
   against none. The synthetic suites at r=47, m=12, global, the default mean, 2 weight-aware AM steps, then
   ``--refine-val-steps`` refinement steps of varpro_gn (ten times as many of varpro) within ``--refine-val-time``
@@ -194,6 +199,27 @@ def supports(args) -> None:
                   f"{s.max().item():.0f} | {sec:.1f} |", flush=True)
 
 
+def supports_refined(args) -> None:
+    T = args.refine_val_time
+    print(f"\n### Code supports through the refinement: global, m=12, no mean, 2 weight-aware AM steps, then "
+          f"refine_method auto for {T:g} s\n")
+    print("| budget | suite | r | mode | error | median support | largest support | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    modes = (("entmax", {}), ("top 4", dict(sparsity="topk", top_k=4)))
+    for budget in args.supports_budgets:
+        for suite in ("planted", "planted_silu", "lowrank_noise", "clustered"):
+            W = make_suite(suite)
+            L, n, p, d = W.shape
+            Wg = W.reshape(-1, p, d)
+            r = max_rank(budget, L, n, p, d, 12, 4, "global", False)
+            for label, extra in modes:
+                fit, sec = timed_fit(Wg, r=r, m=12, steps=2, weight_aware=True, val_fraction=0.0, target_support=4,
+                                     center=False, refine_steps=10**6, refine_time_limit=T, **extra)
+                s = (fit.alpha != 0).sum(1).double()
+                print(f"| {budget:g} | {suite} | {r} | {label} | {rel(fit.reconstruct(), Wg):.4f} | "
+                      f"{s.median().item():.0f} | {s.max().item():.0f} | {sec:.1f} |", flush=True)
+
+
 def refine_val(args) -> None:
     n, T = args.refine_val_steps, args.refine_val_time
     print(f"\n### The refinement with held-out experts: global (r=47, m=12), 2 weight-aware AM steps, {n} varpro_gn "
@@ -214,7 +240,7 @@ def refine_val(args) -> None:
 
 
 SECTIONS = {"restarts": restarts, "final": final_pass, "mean": fitted_mean, "moves": moves, "solver": solver,
-            "supports": supports, "refine_val": refine_val}
+            "supports": supports, "supports_refined": supports_refined, "refine_val": refine_val}
 
 
 def main() -> None:
@@ -223,7 +249,9 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--refine-val-steps", type=int, default=60, help="varpro_gn steps of section refine_val")
-    ap.add_argument("--refine-val-time", type=float, default=20.0, help="time limit of section refine_val (s)")
+    ap.add_argument("--refine-val-time", type=float, default=20.0,
+                    help="refinement time limit of sections refine_val and supports_refined (s)")
+    ap.add_argument("--supports-budgets", type=float, nargs="+", default=[0.25, 0.5])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"## bench_trainer_options (torch {torch.__version__}, {args.threads} threads, "
