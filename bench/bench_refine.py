@@ -18,13 +18,12 @@ per layer, or one over all layers), the relative Frobenius error against the ori
   best row in that cell (AM + its refinement).
 
 Then a convergence comparison of GN and Adam (wall time to reach given errors) on one cell. ``--compare`` runs
-instead every refinement method of ``--compare-methods`` (``method[:lr][@cold]``, lr defaulting to the method's
-``globe.refine.DEFAULT_LR``; ``@cold`` starts every bank step's CG from zero, ``cg_warm_start=False``) from one
-short AM per suite (``--compare-budget``, default 0.25, global, centred unless ``--compare-no-mean``, phi =
-identity) and prints the lowest error each has reached after ``--compare-times`` CPU seconds. ``--step-time``
-prints the CPU time per refinement step (joint Adam with autograd's gradient and with the written-out one,
-varpro's step, a varpro_gn iteration) at r = 47 and 95 (``--device cuda --step-shape N,p,d,m`` on a GPU at other
-shapes).
+instead every refinement method of ``--compare-methods`` (``method[:lr]``, lr defaulting to the method's
+``globe.refine.DEFAULT_LR``) from one short AM per suite (``--compare-budget``, default 0.25, global, centred
+unless ``--compare-no-mean``, phi = identity) and prints the lowest error each has reached after
+``--compare-times`` CPU seconds. ``--step-time`` prints the CPU time per refinement step (joint Adam with
+autograd's gradient and with the written-out one, varpro's step, a varpro_gn iteration) at r = 47 and 95
+(``--device cuda --step-shape N,p,d,m`` on a GPU at other shapes).
 Timings are wall-clock seconds on this machine with ``--threads`` torch threads. The time-to-error comparison
 with the ``mobe`` baseline run to convergence (learning-rate sweep) is bench/bench_time_to_error.py.
 """
@@ -232,8 +231,7 @@ def compare_methods(args) -> None:
         am_cpu = time.process_time() - c0
         am_err = rel(float((fit.reconstruct() - Wg).double().pow(2).sum()), float(Wg.double().pow(2).sum()))
         for spec in args.compare_methods:
-            head, _, start = spec.partition("@")
-            method, _, lr = head.partition(":")
+            method, _, lr = spec.partition(":")
             if method == "auto":  # resolved here so that the record spacing fits the method that runs
                 method = auto_method(fit.A)[0]
             pts: list[tuple[float, float]] = []
@@ -241,7 +239,7 @@ def compare_methods(args) -> None:
             res = refine(Wg, fit.bank, fit.alpha, fit.A, "identity", method=method,
                          mean=fit.normalization.mean if center else None, fit_mean=center, kmax=K, steps=10**7,
                          time_limit=max(times), patience=10**9, eval_every=1 if method in SECOND_ORDER_METHODS else 10,
-                         lr=float(lr) if lr else DEFAULT_LR[method], cg_warm_start=start != "cold",
+                         lr=float(lr) if lr else DEFAULT_LR[method],
                          callback=lambda rec, pts=pts, c1=c1: pts.append((time.process_time() - c1,
                                                                           rec["rel_error"])))
             cells = [min((e for t, e in pts if t <= T), default=float("nan")) for T in times]
@@ -361,7 +359,7 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true",
                     help="only the comparison of refinement methods at equal CPU time (--compare-methods)")
     ap.add_argument("--compare-methods", nargs="+", default=["gn", "adam:0.1", "varpro:0.1", "varpro_gn:0.01"],
-                    metavar="METHOD[:LR][@cold]")
+                    metavar="METHOD[:LR]")
     ap.add_argument("--compare-times", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0])
     ap.add_argument("--compare-am-steps", type=int, default=2)
     ap.add_argument("--compare-budget", type=float, default=0.25)

@@ -589,27 +589,13 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _cg(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
         tol: float, precond: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-        x0: torch.Tensor | None = None, overwrite_x0: bool = False, scale_x0: bool = False,
-        info: dict[str, float] | None = None) -> torch.Tensor:
+        x0: torch.Tensor | None = None, info: dict[str, float] | None = None) -> torch.Tensor:
     """Solve matvec(x) = b by (preconditioned) conjugate gradient from x0 (zero when None); stops when the
     preconditioned residual norm falls below tol times that of b, or on non-positive curvature. The vectors
     are updated in place: five of b's size at once besides what matvec and precond allocate (the bank steps'
-    are bank-sized). overwrite_x0: iterate in x0 itself instead of a copy. scale_x0: start from the multiple
-    s x0 that minimises the quadratic ½ xᵀMx - bᵀx along x0 (s = bᵀx0 / x0ᵀMx0, no extra product), so a
-    stale x0 can never start the CG above zero's value. info, when given, receives "iters" and "residual" (the
-    final relative residual)."""
-    x = torch.zeros_like(b) if x0 is None else (x0 if overwrite_x0 else x0.clone())
-    if x0 is None:
-        res = b.clone()
-    else:
-        Mx = matvec(x)
-        if scale_x0:
-            xMx = float(_dot(x, Mx))
-            sc = float(_dot(b, x)) / xMx if xMx > 0 else 0.0
-            x.mul_(sc)
-            Mx.mul_(sc)
-        res = Mx.neg_().add_(b)
-        del Mx
+    are bank-sized). info, when given, receives "iters" and "residual" (the final relative residual)."""
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    res = b.clone() if x0 is None else b - matvec(x)
     z = res if precond is None else precond(res)
     p = z.clone()
     rz = float(_dot(res, z))
@@ -720,36 +706,23 @@ def _block_inverse(H: torch.Tensor, D: torch.Tensor, lam: float) -> Callable[[to
 
 
 def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, cg_iters: int, lam_A: float,
-               tries: int = 4, chunk: int | None = None, cache: bool = True,
-               warm: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+               tries: int = 4, chunk: int | None = None, cache: bool = True) -> torch.Tensor:
     """Levenberg-Marquardt step on the bank, adapters eliminated (variable projection: Gauss-Newton normal
     equations with the Kaufman Jacobian, by conjugate gradient preconditioned with the atoms' blocks; the step
-    is judged with the adapters re-solved exactly); lam[0] is the damping.
-
-    warm: a one-element list holding the last accepted step (or None), updated here. Its first CG starts from
-    that step instead of zero: the successive steps of these fits point much the same way, so a CG of the same
-    length then goes further along it (on lowrank_noise at budget 0.5 the error of 60 s is reached in 45 s,
-    ``bench/bench_refine.py --compare``). A retry after a rejected step starts from zero."""
+    is judged with the adapters re-solved exactly); lam[0] is the damping."""
     grad, gn, H, D = _bank_system(Z, st.A, st.bank, st.alpha, phi, lam_A, chunk, cache)
     rhs = grad.neg_()  # in place: the gradient itself is not needed again
     F_tot = float(F_old.sum())
-    x0 = None
-    if warm is not None:
-        x0, warm[0] = warm[0], None  # handed to the CG, which updates it in place
     for _ in range(tries):
         damp = lam[0] * D[:, None, None]
         delta = _cg(lambda V, damp=damp: gn(V).addcmul_(damp, V), rhs, cg_iters, 1e-4,
-                    _block_inverse(H, D, lam[0]), x0=x0, overwrite_x0=True, scale_x0=True)
-        x0 = None
+                    _block_inverse(H, D, lam[0]))
         bank_new = st.bank + delta
         A_new, F_new = _exact(Z, bank_new, st.alpha, phi, lam_A, chunk)
         if float(F_new.sum()) < F_tot:
             st.bank, st.A = bank_new, A_new
             lam[0] = max(lam[0] / 3, 1e-8)
-            if warm is not None:
-                warm[0] = delta
             return F_new
-        del delta, bank_new, A_new
         lam[0] = min(lam[0] * 8, 1e8)
     return F_old
 
@@ -877,7 +850,6 @@ def refine(
     lambda_A: float = 1e-6,
     lr: float | None = None,
     cg_iters: int = 20,
-    cg_warm_start: bool = True,
     qp_iters: int = 60,
     eval_every: int | None = None,
     val_iters: int = 2,
@@ -908,9 +880,7 @@ def refine(
     "gn" codes and adapter steps and the held-out experts' fits take them over the experts of a chunk (a
     difference of about 1e-6 relative in the errors at the default lambda_A). cache_factors (with chunk_experts):
     keep each expert's Gauss-Newton factors (about two [N, r, d] tensors) for the bank step's products instead
-    of recomputing them in every product ("gn", "varpro_gn"). cg_warm_start ("gn", "varpro_gn"): start each bank
-    step's CG from the last accepted step, scaled to its best multiple, instead of zero (one more bank-sized
-    tensor held between steps; see :func:`_bank_step`).
+    of recomputing them in every product ("gn", "varpro_gn").
     """
     phi = check_phi(phi)
     if method not in METHODS:
@@ -1007,7 +977,6 @@ def refine(
     # method state
     damp_c = torch.full((W.shape[0],), 1e-3, dtype=dtype, device=device)
     lam_b = [1e-3]
-    warm_b: list[torch.Tensor | None] | None = [None] if cg_warm_start else None  # the last accepted bank step
     opt = None
     if method in ("adam", "varpro"):
         rms = [math.sqrt(float(t.pow(2).sum(dtype=torch.float64)) / max(1, t.numel())) or 1.0 for t in (st.A, st.bank)]
@@ -1026,8 +995,7 @@ def refine(
     step = 0
     for step in range(1, steps + 1):
         if method == "varpro_gn":
-            Fi = _bank_step(target(), st, phi, lam_b, Fi, cg_iters, lambda_A, chunk=chunk, cache=cache_factors,
-                            warm=warm_b)
+            Fi = _bank_step(target(), st, phi, lam_b, Fi, cg_iters, lambda_A, chunk=chunk, cache=cache_factors)
             with torch.no_grad():
                 _, _, ga, _ = _grads(W, st.A, st.bank, st.alpha, phi, mean=st.mean, fit_mean=False,
                                      scale=1.0 / w_energy, grad_A=False, chunk=chunk)
@@ -1040,8 +1008,7 @@ def refine(
             Fi = _chunked_steps(lambda Zc, sub, dc, Fc: _codes_step(Zc, sub, phi, kmax, extra, dc, Fc, chunk_elems,
                                                                     qp_iters, lambda_A),
                                 target(), st, chunk, damp_c, Fi)
-            Fi = _bank_step(target(), st, phi, lam_b, Fi, cg_iters, lambda_A, chunk=chunk, cache=cache_factors,
-                            warm=warm_b)
+            Fi = _bank_step(target(), st, phi, lam_b, Fi, cg_iters, lambda_A, chunk=chunk, cache=cache_factors)
             Fi = _chunked_steps(lambda Zc, sub, Fc: _adapter_step(Zc, sub, phi, lambda_A, Fc), target(), st, chunk,
                                 Fi)
             if fit_mean and st.mean is not None:
