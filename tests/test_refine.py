@@ -400,3 +400,25 @@ def test_refine_takes_factors_in_any_memory_layout(method, chunk):
     assert got.history[-1]["rel_error"] < got.history[0]["rel_error"]
     for a, b in zip(ref.history, got.history):
         assert math.isclose(a["rel_error"], b["rel_error"], rel_tol=1e-9)
+
+
+def test_bank_step_rejects_a_non_finite_step(monkeypatch):
+    """A CG solve that overflows (a near-singular Gauss-Newton system) counts as a rejected step: the damping
+    grows and the next try is taken, instead of handing a non-finite bank to the adapter solve."""
+    import globe.refine as R
+
+    W, _, _, _ = planted(N=9, seed=33, noise=0.1)
+    bank, alpha, A = linear_warm_start(W, 3, 4, 2, iters=0, generator=torch.Generator().manual_seed(6))
+    real_cg, calls = R._cg, []
+
+    def overflowing_once(*args, **kwargs):
+        out = real_cg(*args, **kwargs)
+        calls.append(1)
+        return torch.full_like(out, float("inf")) if len(calls) == 1 else out
+
+    monkeypatch.setattr(R, "_cg", overflowing_once)
+    res = refine(W, bank, alpha, A, "identity", method="varpro_gn", steps=2, eval_every=1, patience=10)
+    assert len(calls) >= 3  # the overflowing try, its retry, the second step
+    assert all(math.isfinite(h["rel_error"]) for h in res.history)
+    assert res.rel_error < res.rel_error_start
+    assert bool(torch.isfinite(res.bank).all())

@@ -717,6 +717,9 @@ def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, c
         damp = lam[0] * D[:, None, None]
         delta = _cg(lambda V, damp=damp: gn(V).addcmul_(damp, V), rhs, cg_iters, 1e-4,
                     _block_inverse(H, D, lam[0]))
+        if not bool(torch.isfinite(delta).all()):  # overflow in a near-singular system: a rejected step
+            lam[0] = min(lam[0] * 8, 1e8)
+            continue
         bank_new = st.bank + delta
         A_new, F_new = _exact(Z, bank_new, st.alpha, phi, lam_A, chunk)
         if float(F_new.sum()) < F_tot:
