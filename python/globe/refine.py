@@ -1212,9 +1212,9 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     # validated stage left: that stage stops as soon as the held-out error stops falling, which on the
     # synthetic suites is at once (a bank refined on the training experts alone fits the held-out ones worse:
     # clustered 0.21 -> 0.40 in five steps), so a short final pass threw the refinement away (clustered 0.165
-    # against 0.100 without held-out experts at equal steps). Every expert of the artifact is fitted by the
-    # bank, so this pass stops on the error over all of them; refine keeps its best state by that error, the
-    # starting one included, so it never makes the artifact worse.
+    # against 0.100 without held-out experts at equal steps; bench/bench_trainer_options.py, section refine_val).
+    # Every expert of the artifact is fitted by the bank, so this pass stops on the error over all of them;
+    # refine keeps its best state by that error, the starting one included, so it never makes the artifact worse.
     final_steps = int(getattr(config, "final_steps", 0) or 0)
     if fit.val_index and final_steps > 0:
         second_order = method in SECOND_ORDER_METHODS
