@@ -508,6 +508,43 @@ def test_clean_metrics_drops_the_records_of_a_cut_run(tmp_path):
     assert clean_metrics(path) == 0
 
 
+def test_clean_metrics_keeps_restarts_and_refinements_and_drops_all_of_a_redone_part(tmp_path):
+    """Restarts of the AM (GlobeConfig.restarts) and the refinement's records (both of its stages count their
+    steps from 0) are not a redone part; a part fitted again after an interruption loses every per-step record
+    of the cut run, its refinement records included."""
+    path = tmp_path / "metrics.jsonl"
+    gate = {"family": "gate", "scope_id": "global"}
+    up = {"family": "up", "scope_id": "global"}
+    done = (
+        [{"kind": "am_step", **gate, "restart": i, "step": s} for i in (0, 1) for s in (0, 1, 2)]
+        + [{"kind": "refine_step", **gate, "stage": "refine", "step": s} for s in (0, 1)]
+        + [{"kind": "refine_step", **gate, "stage": "refine_final", "step": s} for s in (0, 1, 2)]
+        + [{"kind": "part", **gate}]
+    )
+    cut = [{"kind": "am_step", **up, "step": s} for s in (0, 1, 2, 3)] + [
+        {"kind": "refine_step", **up, "stage": "refine", "step": 0}]
+    redo = [{"kind": "am_step", **up, "step": s} for s in (0, 1, 2, 3)] + [
+        {"kind": "refine_step", **up, "stage": "refine", "step": s} for s in (0, 1)] + [{"kind": "part", **up}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in done + cut + redo))
+    assert clean_metrics(path) == len(cut)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == done + redo
+    assert clean_metrics(path) == 0
+
+
+def test_compress_with_refinement_keeps_the_am_records(checkpoint, tmp_path):
+    """A refinement with held-out experts ends with a pass over all experts whose steps count from 0 again; the
+    AM's records must survive the clean-up after compress (they were once dropped as a redone run)."""
+    out = tmp_path / "out"
+    assert main(["compress", str(checkpoint), "-o", str(out), "-q", "--steps", "3", "--weight-aware",
+                 "--refine-steps", "4", "--refine-method", "varpro_gn"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for family in ("gate", "up"):
+        mine = [r for r in records if r.get("family") == family]
+        am = [r["step"] for r in mine if r["kind"] == "am_step"]
+        assert am[:4] == [0, 1, 2, 3]
+        assert {r["stage"] for r in mine if r["kind"] == "refine_step"} == {"refine", "refine_final"}
+
+
 def test_info_and_inspect(checkpoint, capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

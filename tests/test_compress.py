@@ -126,7 +126,10 @@ def test_refined_phi_reaches_the_artifact_and_its_error(tmp_path):
     refine = [r for r in records if r["kind"] == "refine_step"]
     assert {(r["family"], r["scope_id"]) for r in refine} == {(f, f"layer{L}") for f in ("gate", "up")
                                                                for L in open_checkpoint(ckpt).moe_layers}
-    assert all(r["stage"] == "refine" for r in refine)
+    # both refinement stages (held-out validated, then all experts) are refinement records, never AM steps
+    assert {r["stage"] for r in refine} == {"refine", "refine_final"}
+    am = [r for r in records if r["kind"] == "am_step"]
+    assert am and {r.get("stage") for r in am} <= {None, "final"}
     part = next(iter(art.metrics["parts"].values()))
     # the refinement keeps its best state by the held-out experts' error (one per layer here)
     assert part["refine.phi"] == "tanh" and part["n_val"] == 1

@@ -811,8 +811,10 @@ def _close_all(objs: Sequence[Any]) -> None:
 def clean_metrics(path: Path) -> int:
     """Drop the records of AM runs that an interruption cut short and a resumed run redid.
 
-    Records are grouped by part (family, scope id); when a part's step counter starts again, the records
-    before the restart are dropped. Returns the number of records removed."""
+    Records are grouped by part (family, scope id); when a part's AM step counter starts again within the same
+    restart (``GlobeConfig.restarts`` numbers its fits, each from step 0), the part was fitted again from the
+    start, and its per-step records before that point (AM steps and refinement records) are dropped. Returns
+    the number of records removed."""
     if not path.is_file():
         return 0
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -824,18 +826,22 @@ def clean_metrics(path: Path) -> int:
             continue  # a line cut by a kill
     from globe.report import part_of, step_of
 
+    def per_step(rec: dict[str, Any]) -> bool:
+        return rec.get("kind", "am_step") in ("am_step", "refine_step")
+
     keep = [True] * len(records)
-    last: dict[Any, tuple[int, float]] = {}
+    last: dict[Any, float] = {}
     for i, rec in enumerate(records):
         part, step = part_of(rec), step_of(rec)
         if step is None:
             continue
-        prev = last.get(part)
-        if prev is not None and step <= prev[1]:
-            for j in range(prev[0] + 1):
-                if keep[j] and part_of(records[j]) == part and step_of(records[j]) is not None:
+        key = (part, rec.get("restart"))
+        if key in last and step <= last[key]:
+            for j in range(i):
+                if keep[j] and part_of(records[j]) == part and per_step(records[j]):
                     keep[j] = False
-        last[part] = (i, step)
+            last = {k: v for k, v in last.items() if k[0] != part}
+        last[key] = step
     removed = len(lines) - sum(keep)
     if removed:
         tmp = path.with_name(f".{path.name}.tmp")

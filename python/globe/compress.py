@@ -164,7 +164,7 @@ def compress(
             refine_logger = logger.child(kind="refine_step", family=fam, scope_id=sid)
 
             def on_step(rec: dict[str, Any], _log=step_logger, _rlog=refine_logger, _info=info) -> None:
-                if rec.get("stage") == "refine":
+                if str(rec.get("stage", "")).startswith("refine"):  # "refine" and its pass over all, "refine_final"
                     _rlog.log(rec)
                     emit({"event": "refine_step", **_info, "step": rec["step"], "rel_error": rec["rel_error"],
                           "rel_error_val": rec.get("rel_error_val")})
