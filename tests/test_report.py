@@ -241,3 +241,31 @@ def test_record_helpers(tmp_path):
     path.write_text('{"step": 1}\n\nnot json\n[1, 2]\n{"step": 2}\n')
     assert [r["step"] for r in load_records(path)] == [1, 2]
     assert load_records(tmp_path / "missing.jsonl") == []
+
+
+def test_refinement_section_from_the_per_bank_records(tmp_path):
+    """One row per refined bank with the refinement's numbers from its per-bank record; the refinement's step
+    records stay out of the AM's plot and table; no section for a run without refinement."""
+    am = trainer_like_records([("gate", "global"), ("up", "global")], steps=3)
+    for r in am:
+        r["kind"] = "am_step"
+    refine = [{"kind": "refine_step", "family": "gate", "scope_id": "global", "stage": stage, "step": s,
+               "rel_error": 0.05} for stage in ("refine", "refine_final") for s in range(8)]
+    parts = [
+        {"kind": "part", "family": "gate", "scope_id": "global", "n_val": 2, "best_step": 3,
+         "am.rel_error_all": 0.2345, "rel_error_all": 0.1234, "refine.method": "varpro_gn", "refine.phi": "tanh",
+         "refine.auto_kappa": 3.4e4, "refine.steps_run": 5, "refine.best_step": 0, "refine.rel_error_val_start": 0.3,
+         "refine.rel_error_val": 0.3, "refine.final_steps_run": 55, "refine.chunk_experts": 16,
+         "refine_time_s": 12.34},
+        {"kind": "part", "family": "up", "scope_id": "global", "n_val": 0, "best_step": 3},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in am + refine + parts))
+    text = write_report(tmp_path).read_text()
+    section = text.split("## Refinement through phi")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| gate") or line.startswith("| up")]
+    assert rows == ["| gate / global | tanh | varpro_gn (auto, κ 3.4e+04) | 0.2345 -> 0.1234 | 5 / 0 | "
+                    "0.3000 -> 0.3000 | 55 | 16 | 12.3 |"]
+    training = text.split("## Training (last AM step of each bank)")[1].split("\n## ")[0]
+    assert "| gate / global | 3 | 3 |" in training  # the last AM step, not a refinement record's step 7
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in am + parts[1:]))
+    assert "## Refinement through phi" not in write_report(tmp_path).read_text()

@@ -1052,8 +1052,8 @@ def build_parser() -> argparse.ArgumentParser:
         "start, initial bank, alternating minimisation, finalize and export, per family.\n\n"
         "OUT receives the artifact (globe.json + factors.safetensors), the resolved config "
         "(compress_config.json, "
-        "reusable with --config), metrics.jsonl (one line per AM step), summary.json, and report.md with "
-        "plots/. Options override the keys of --config, which override the defaults.",
+        "reusable with --config), metrics.jsonl (one line per AM step and refinement record), summary.json, and "
+        "report.md with plots/. Options override the keys of --config, which override the defaults.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="local Hugging Face checkpoint folder")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (created if missing)")

@@ -5,9 +5,11 @@ metric records (``metrics.jsonl``), the summary table of ``globe compress`` (``s
 ``globe eval`` has run, its results (``eval.json``). Any of them may be missing: the report shows what is
 there.
 
-Plots: relative error per layer and family, error against AM step, temperature and median support against
-step, support-size histogram, atom popularity. matplotlib is imported only here, with the Agg backend (no
-display needed), through its object-oriented API so no global pyplot state is touched.
+Plots: relative error per layer and family, error against AM step, temperature and median support against step,
+support-size histogram, atom popularity. Tables: the summary, the patched model against the original, the last AM
+step of each bank and, for a run with the refinement through φ, what it did per bank. matplotlib is imported only
+here, with the Agg backend (no display needed), through its object-oriented API so no global pyplot state is
+touched.
 """
 
 from __future__ import annotations
@@ -355,6 +357,45 @@ def _last_per_part(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], d
     return last
 
 
+def _refinement_section(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the refinement through φ, one row per bank from its per-bank record (none without)."""
+    parts = [r for r in records if r.get("kind") == "part" and r.get("refine.method")]
+    if not parts:
+        return []
+
+    def arrow(a: Any, b: Any) -> str:
+        return f"{_fmt(a, '.4f')} -> {_fmt(b, '.4f')}"
+
+    rows = []
+    for r in sorted(parts, key=part_of):
+        kappa = r.get("refine.auto_kappa")
+        method = str(r["refine.method"]) + (f" (auto, κ {kappa:.2g})" if isinstance(kappa, (int, float)) else "")
+        held_out = bool(r.get("n_val"))
+        rows.append((
+            _label(part_of(r)),
+            r.get("refine.phi", "-"),
+            method,
+            arrow(r.get("am.rel_error_all"), r.get("rel_error_all")),
+            f"{_fmt(r.get('refine.steps_run'), 'd')} / {_fmt(r.get('refine.best_step'), 'd')}",
+            arrow(r.get("refine.rel_error_val_start"), r.get("refine.rel_error_val")) if held_out else "-",
+            _fmt(r.get("refine.final_steps_run"), "d") if held_out else "-",
+            _fmt(r.get("refine.chunk_experts"), "d") if r.get("refine.chunk_experts") else "all",
+            _fmt(r.get("refine_time_s"), ".1f"),
+        ))
+    return [
+        "## Refinement through phi",
+        "",
+        _md_table(rows, ["bank", "phi", "method", "error, all experts: AM -> refined", "steps run / kept",
+                         "held-out error: start -> kept", "steps over all experts", "experts per chunk",
+                         "time (s)"]),
+        "",
+        "With held-out experts the refinement first runs on the others and keeps the step with the lowest held-out "
+        "error, then continues over all experts with the steps left; without them it runs over all experts once. "
+        "Its per-step records are the `refine_step` records of `metrics.jsonl`.",
+        "",
+    ]
+
+
 def write_report(out_dir: str | Path, *, replot: bool = True) -> Path:
     """Write ``report.md`` and ``plots/*.png`` into a run's output folder; returns the report's path.
 
@@ -506,12 +547,14 @@ def write_report(out_dir: str | Path, *, replot: bool = True) -> Path:
             "",
         ]
 
+    md += _refinement_section(records)
+
     md += ["## Files", ""]
     for name, what in (
         ("globe.json", "artifact manifest: config, source, shapes, parameter counts, checksum"),
         ("factors.safetensors", "banks, codes, adapters and means"),
         ("compress_config.json", "the resolved config (reusable with `globe compress --config`)"),
-        ("metrics.jsonl", "one metric record per AM step"),
+        ("metrics.jsonl", "one metric record per AM step and per refinement record, one per bank, one for the run"),
         ("summary.json", "the summary table"),
         ("eval.json", "results of `globe eval`"),
     ):
