@@ -269,3 +269,21 @@ def test_refinement_section_from_the_per_bank_records(tmp_path):
     assert "| gate / global | 3 | 3 |" in training  # the last AM step, not a refinement record's step 7
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in am + parts[1:]))
     assert "## Refinement through phi" not in write_report(tmp_path).read_text()
+
+
+def test_report_shows_the_kept_restart_only(tmp_path):
+    """With GlobeConfig.restarts every fit of a bank logs steps from 0; the plot and the AM table show the one
+    kept (restart_best of the per-bank record), not a line that runs back to step 0."""
+    recs = []
+    for i, final in ((0, 0.3), (1, 0.2), (2, 0.25)):
+        for r in trainer_like_records([("gate", "global")], steps=4):
+            recs.append({**r, "kind": "am_step", "restart": i, "rel_error": final + 0.01 * (4 - r["step"])})
+    recs.append({"kind": "part", "family": "gate", "scope_id": "global", "best_step": 4, "restart_best": 1})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = write_report(tmp_path).read_text()
+    training = text.split("## Training (last AM step of each bank)")[1].split("\n## ")[0]
+    assert "| gate / global | 4 | 4 | 0.2000 |" in training
+    from globe.report import _kept_restarts, _series
+
+    xs, ys = _series(_kept_restarts(recs), "rel_error")[("gate", "global")]
+    assert xs == [0, 1, 2, 3, 4] and ys[-1] == 0.2

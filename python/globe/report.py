@@ -357,6 +357,14 @@ def _last_per_part(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], d
     return last
 
 
+def _kept_restarts(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records without the AM steps of restarts that were not kept (GlobeConfig.restarts: every fit of a
+    bank counts its steps from 0; its per-bank record names the one kept, ``restart_best``)."""
+    kept = {part_of(r): r["restart_best"] for r in records if r.get("kind") == "part" and "restart_best" in r}
+    return [r for r in records
+            if r.get("restart") is None or kept.get(part_of(r), r.get("restart")) == r.get("restart")]
+
+
 def _refinement_section(records: Sequence[dict[str, Any]]) -> list[str]:
     """Markdown lines of the refinement through φ, one row per bank from its per-bank record (none without)."""
     parts = [r for r in records if r.get("kind") == "part" and r.get("refine.method")]
@@ -403,7 +411,7 @@ def write_report(out_dir: str | Path, *, replot: bool = True) -> Path:
     out = Path(out_dir)
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    records = load_records(out / "metrics.jsonl")
+    records = _kept_restarts(load_records(out / "metrics.jsonl"))
     summary = _read_json(out / "summary.json") or {}
     evaluation = _read_json(out / "eval.json")
     artifact = None
