@@ -537,12 +537,45 @@ def test_compress_with_refinement_keeps_the_am_records(checkpoint, tmp_path):
     out = tmp_path / "out"
     assert main(["compress", str(checkpoint), "-o", str(out), "-q", "--steps", "3", "--weight-aware",
                  "--refine-steps", "4", "--refine-method", "varpro_gn"]) == 0
+    assert "## Refinement through phi" in (out / "report.md").read_text()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for family in ("gate", "up"):
         mine = [r for r in records if r.get("family") == family]
         am = [r["step"] for r in mine if r["kind"] == "am_step"]
         assert am[:4] == [0, 1, 2, 3]
         assert {r["stage"] for r in mine if r["kind"] == "refine_step"} == {"refine", "refine_final"}
+
+
+def test_progress_lines_of_a_refinement():
+    """The refinement's events give their own lines and bar: the AM's line when the refinement starts, one when
+    the pass over all experts starts, and the bank's closing line names the refinement; the pass over all
+    experts (steps from 0 again) is not taken for a new AM run ("experts read ..." once per bank)."""
+    import io
+
+    from globe.cli import Progress
+
+    stream = io.StringIO()
+    prog = Progress(steps=3, stream=stream)
+    bank = {"family": "gate", "scope_id": "global"}
+    prog({"event": "start", "parts": 1})
+    prog({"event": "part_start", **bank})
+    for s in range(4):
+        prog({"event": "step", **bank, "step": s, "rel_error": 0.3 - 0.01 * s})
+    for stage, n in (("refine", 3), ("refine_final", 4)):
+        for s in range(n):
+            prog({"event": "refine_step", **bank, "stage": stage, "step": s, "rel_error": 0.2 - 0.01 * s,
+                  "rel_error_val": float("nan") if stage == "refine_final" else 0.25})
+    prog({"event": "part_end", **bank, "rel_error": 0.1612})
+    prog({"event": "done"})
+    lines = [line.strip() for line in stream.getvalue().replace("\r", "\n").splitlines()]
+    said = [line for line in lines if line.startswith("gate/global:")]
+    assert [line.split(" in ")[0] for line in said] == [
+        "gate/global: experts read, warm start and initial bank", "gate/global: 3 AM steps",
+        "gate/global: refinement on the fitted experts done", "gate/global: refinement"]
+    assert said[1].endswith("refining through phi") and said[2].endswith("continuing over all experts")
+    assert "(rel. error 0.1612)" in said[3]
+    assert any("gate/global refine (all)" in line and "err=0.17" in line for line in lines)
+    assert not any("held-out=nan" in line for line in lines)
 
 
 def test_info_and_inspect(checkpoint, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -524,9 +525,10 @@ def _fmt_seconds(s: float) -> str:
 class Progress:
     """Turns the trainer's progress events into tqdm bars and a line per finished stage.
 
-    Bars: one over the banks to fit (one per family, or per family and layer with --scope layer), and one per
-    AM run counting its steps, with the current relative error, median support and temperature as postfix.
-    Lines: for each bank, reading plus warm start plus initial bank, then the AM run; at the end, export.
+    Bars: one over the banks to fit (one per family, or per family and layer with --scope layer), one per
+    AM run counting its steps, with the current relative error, median support and temperature as postfix, and
+    one per refinement counting its records, with the current errors. Lines: for each bank, reading plus warm
+    start plus initial bank, the AM run, each stage of the refinement; at the end, export.
     Also records the seconds spent per bank and honours the test hook GLOBE_TEST_INTERRUPT_AFTER.
     """
 
@@ -536,6 +538,8 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.parts_bar: Any = None
         self.am_bar: Any = None
+        self.refine_bar: Any = None
+        self.refine_stage: dict[tuple[str, str], str] = {}
         self.t_part: dict[tuple[str, str], float] = {}
         self.t_last = time.perf_counter()
         self.times: dict[tuple[str, str], float] = {}
@@ -593,14 +597,36 @@ class Progress:
                 if step > 0:
                     self.am_bar.update(1)
             self._maybe_interrupt(label, step)
+        elif kind == "refine_step":
+            stage = str(event.get("stage") or "refine")
+            if self.refine_stage.get(part) != stage:
+                self._close_am()
+                if part not in self.refine_stage:
+                    self.write(f"{label}: {self.last_step.get(part, 0)} AM steps in {_fmt_seconds(now - self.t_last)}"
+                               "; refining through phi")
+                    if self.parts_bar is not None:
+                        self.parts_bar.set_postfix_str(f"{label}: refinement", refresh=True)
+                else:
+                    self.write(f"{label}: refinement on the fitted experts done in {_fmt_seconds(now - self.t_last)}"
+                               "; continuing over all experts")
+                self.refine_stage[part] = stage
+                self.t_last = now
+                desc = f"{label} refine" + (" (all)" if stage == "refine_final" else "")
+                self.refine_bar = self._bar(desc=desc, unit="record", position=1, leave=False)
+            if self.refine_bar is not None:
+                post = {"err": event.get("rel_error"), "held-out": event.get("rel_error_val")}
+                self.refine_bar.set_postfix({k: f"{v:.4g}" for k, v in post.items()
+                                             if isinstance(v, (int, float)) and math.isfinite(v)})
+                self.refine_bar.update(1)
         elif kind == "part_end":
             self._close_am()
             took = now - self.t_part.get(part, now)
             self.times[part] = took
             steps = self.last_step.get(part, 0)
             err = event.get("rel_error")
+            stage = "refinement" if part in self.refine_stage else f"{steps} AM steps"
             self.write(
-                f"{label}: {steps} AM steps in {_fmt_seconds(now - self.t_last)}"
+                f"{label}: {stage} in {_fmt_seconds(now - self.t_last)}"
                 + (f" (rel. error {err:.4f})" if isinstance(err, float) else "")
                 + f"; bank done in {_fmt_seconds(took)}"
             )
@@ -617,9 +643,11 @@ class Progress:
             self.parts_bar.update(1)
 
     def _close_am(self) -> None:
-        if self.am_bar is not None:
-            self.am_bar.close()
-            self.am_bar = None
+        for name in ("am_bar", "refine_bar"):
+            bar = getattr(self, name)
+            if bar is not None:
+                bar.close()
+                setattr(self, name, None)
 
     def close(self) -> None:
         self._close_am()

@@ -166,8 +166,8 @@ def compress(
             def on_step(rec: dict[str, Any], _log=step_logger, _rlog=refine_logger, _info=info) -> None:
                 if str(rec.get("stage", "")).startswith("refine"):  # "refine" and its pass over all, "refine_final"
                     _rlog.log(rec)
-                    emit({"event": "refine_step", **_info, "step": rec["step"], "rel_error": rec["rel_error"],
-                          "rel_error_val": rec.get("rel_error_val")})
+                    emit({"event": "refine_step", **_info, "stage": rec["stage"], "step": rec["step"],
+                          "rel_error": rec["rel_error"], "rel_error_val": rec.get("rel_error_val")})
                     return
                 _log.log(rec)
                 emit(
