@@ -578,6 +578,28 @@ def test_progress_lines_of_a_refinement():
     assert not any("held-out=nan" in line for line in lines)
 
 
+def test_progress_lines_of_restarts():
+    """GlobeConfig.restarts: each further fit of a bank says it is a restart, not that the experts were read."""
+    import io
+
+    from globe.cli import Progress
+
+    stream = io.StringIO()
+    prog = Progress(steps=2, stream=stream)
+    bank = {"family": "up", "scope_id": "layer3"}
+    prog({"event": "start", "parts": 1})
+    prog({"event": "part_start", **bank})
+    for restart in (0, 1):
+        for s in range(3):
+            prog({"event": "step", **bank, "step": s, "rel_error": 0.3, "restart": restart})
+    prog({"event": "part_end", **bank, "rel_error": 0.25})
+    said = [line.strip() for line in stream.getvalue().replace("\r", "\n").splitlines()
+            if line.strip().startswith("up/layer3:")]
+    assert said[0].startswith("up/layer3: experts read, warm start and initial bank in")
+    assert said[1].startswith("up/layer3: 2 AM steps in") and "restart 1: warm start and initial bank" in said[1]
+    assert said[2].startswith("up/layer3: 2 AM steps in") and len(said) == 3
+
+
 def test_info_and_inspect(checkpoint, capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

@@ -576,14 +576,20 @@ class Progress:
                 self.parts_bar.set_postfix_str(f"{label}: reading experts, warm start", refresh=True)
         elif kind == "step":
             step = int(event.get("step", 0))
+            prev_step = self.last_step.get(part, 0)
             self.last_step[part] = step
             err = event.get("rel_error")
             if step == 0:
                 self.first_error[part] = err
-                took = now - self.t_part.get(part, now)
-                self.write(
-                    f"{label}: experts read, warm start and initial bank in {_fmt_seconds(took)} (rel. error {err:.4f})"
-                )
+                restart = event.get("restart") or 0
+                if restart:  # GlobeConfig.restarts: another whole fit of the same experts
+                    self.write(f"{label}: {prev_step} AM steps in "
+                               f"{_fmt_seconds(now - self.t_last)}; restart {restart}: warm start and initial bank "
+                               f"(rel. error {err:.4f})")
+                else:
+                    took = now - self.t_part.get(part, now)
+                    self.write(f"{label}: experts read, warm start and initial bank in {_fmt_seconds(took)} "
+                               f"(rel. error {err:.4f})")
                 self.t_last = now
                 self._close_am()
                 self.am_bar = self._bar(total=self.steps, desc=f"{label} AM", unit="step", position=1, leave=False)

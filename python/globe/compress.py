@@ -178,6 +178,7 @@ def compress(
                         "rel_error": rec["rel_error"],
                         "support": rec.get("support_median"),
                         "temperature": rec.get("temperature"),
+                        "restart": rec.get("restart"),
                     }
                 )
 
