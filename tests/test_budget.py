@@ -42,8 +42,15 @@ def layers():
 @pytest.mark.parametrize("budget", [0.25, 0.5])
 def test_choice_respects_budget_and_records_candidates(layers, budget):
     base = GlobeConfig(target_support=2, steps=3)
-    choice = choose_by_budget(layers, budget, base, fitter="quick", search_steps=0, sample_experts=8)
+    told = []
+    choice = choose_by_budget(layers, budget, base, fitter="quick", search_steps=0, sample_experts=8,
+                              callback=told.append)
     scored = [c for c in choice.candidates if c["status"] == "scored"]
+    # the progress callback: once per scored candidate, in order, with its numbers
+    assert [t["scored"] for t in told] == list(range(1, len(scored) + 1))
+    assert all(t["total"] == len(scored) for t in told)
+    assert [(t["scope"], t["m"], t["r"], t["rel_error"]) for t in told] == [
+        (c["scope"], c["m"], c["r"], c["rel_error"]) for c in scored]
     assert scored and all(c["param_fraction"] <= budget for c in scored)
     assert {c["scope"] for c in scored} == {"global", "layer"}
     assert {c["center"] for c in scored} == {True, False}

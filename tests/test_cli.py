@@ -546,6 +546,12 @@ def test_compress_with_refinement_keeps_the_am_records(checkpoint, tmp_path):
         assert {r["stage"] for r in mine if r["kind"] == "refine_step"} == {"refine", "refine_final"}
 
 
+def _progress_lines(stream):
+    """The lines a Progress wrote, without tqdm's cursor escapes and carriage returns."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stream.getvalue()).replace("\r", "\n")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def test_progress_lines_of_a_refinement():
     """The refinement's events give their own lines and bar: the AM's line when the refinement starts, one when
     the pass over all experts starts, and the bank's closing line names the refinement; the pass over all
@@ -567,7 +573,7 @@ def test_progress_lines_of_a_refinement():
                   "rel_error_val": float("nan") if stage == "refine_final" else 0.25})
     prog({"event": "part_end", **bank, "rel_error": 0.1612})
     prog({"event": "done"})
-    lines = [line.strip() for line in stream.getvalue().replace("\r", "\n").splitlines()]
+    lines = _progress_lines(stream)
     said = [line for line in lines if line.startswith("gate/global:")]
     assert [line.split(" in ")[0] for line in said] == [
         "gate/global: experts read, warm start and initial bank", "gate/global: 3 AM steps",
@@ -593,11 +599,30 @@ def test_progress_lines_of_restarts():
         for s in range(3):
             prog({"event": "step", **bank, "step": s, "rel_error": 0.3, "restart": restart})
     prog({"event": "part_end", **bank, "rel_error": 0.25})
-    said = [line.strip() for line in stream.getvalue().replace("\r", "\n").splitlines()
-            if line.strip().startswith("up/layer3:")]
+    said = [line for line in _progress_lines(stream) if line.startswith("up/layer3:")]
     assert said[0].startswith("up/layer3: experts read, warm start and initial bank in")
     assert said[1].startswith("up/layer3: 2 AM steps in") and "restart 1: warm start and initial bank" in said[1]
     assert said[2].startswith("up/layer3: 2 AM steps in") and len(said) == 3
+
+
+def test_progress_lines_of_a_budget_search():
+    """The budget search gets a bar over its candidates and a closing line with its choice and why."""
+    import io
+
+    from globe.cli import Progress
+
+    stream = io.StringIO()
+    prog = Progress(steps=2, stream=stream)
+    prog({"event": "budget_start", "budget": 0.3})
+    for i in (1, 2):
+        prog({"event": "budget_candidate", "scored": i, "total": 2, "scope": "global", "center": True, "m": 4 * i,
+              "r": 9, "rel_error": 0.2 / i, "fit_time_s": 0.1})
+    prog({"event": "budget_done", "reason": "lowest sampled relative error 0.1000 (scope=global)", "time_s": 3.0})
+    lines = _progress_lines(stream)
+    assert lines[0].startswith("budget search: r, m, scope and mean term for 0.3 of the gate/up parameters")
+    assert any(line.startswith("budget search:") and "/2 [" in line and "m=8, r=9: 0.1000" in line
+               for line in lines)
+    assert "budget search in 3.0s: lowest sampled relative error 0.1000 (scope=global)" in lines
 
 
 def test_info_and_inspect(checkpoint, capsys):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,13 +175,15 @@ def choose_by_budget(
     fitter: str = "fit_bank",
     scopes: Sequence[str] = ("global", "layer"),
     centers: Sequence[bool] = (True, False),
+    callback: Callable[[dict[str, Any]], Any] | None = None,
 ) -> BudgetChoice:
     """Pick r, m, scope and the mean term for ``budget`` (fraction of the original gate/up parameters).
 
     source: experts of one family per MoE layer (dict layer -> [n, p, d], a list of them, or an [L, n, p, d]
     tensor) or a checkpoint folder (``family`` is read from it). base_config gives everything else (sparsity,
     target support, seeding, device, seed). See the module docstring for the count, the candidates and the
-    scoring.
+    scoring. callback, when given, is called after each candidate is scored with {"scored", "total" (the
+    candidates to score), "scope", "center", "m", "r", "rel_error", "fit_time_s"} (progress for a long search).
     """
     if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
@@ -239,6 +241,7 @@ def choose_by_budget(
     used = fitter
     gen = torch.Generator().manual_seed(base.seed)
     n_scored = 0
+    n_pending = sum(c["status"] == "pending" for c in candidates)
     for cand in candidates:
         if cand["status"] != "pending":
             continue
@@ -257,6 +260,9 @@ def choose_by_budget(
         cand["fit_time_s"] = time.perf_counter() - t
         cand["status"] = "scored"
         n_scored += 1
+        if callback is not None:
+            callback({"scored": n_scored, "total": n_pending,
+                      **{k: cand[k] for k in ("scope", "center", "m", "r", "rel_error", "fit_time_s")}})
 
     scored = sorted((c for c in candidates if c["status"] == "scored"), key=lambda c: c["rel_error"])
     if not scored:

@@ -565,7 +565,21 @@ class Progress:
         part = (str(event.get("family", "?")), str(event.get("scope_id", "?")))
         label = f"{part[0]}/{part[1]}"
         now = time.perf_counter()
-        if kind == "start":
+        if kind == "budget_start":
+            self.write(f"budget search: r, m, scope and mean term for {event.get('budget'):g} of the gate/up "
+                       "parameters, short fits on a sample of experts")
+        elif kind == "budget_candidate":
+            if self.am_bar is None:
+                self.am_bar = self._bar(total=event.get("total"), desc="budget search", unit="candidate",
+                                        position=0, leave=False)
+            self.am_bar.set_postfix_str(f"{event.get('scope')}, m={event.get('m')}, r={event.get('r')}: "
+                                        f"{event.get('rel_error', float('nan')):.4f}")
+            self.am_bar.update(1)
+        elif kind == "budget_done":
+            self._close_am()
+            self.write(f"budget search in {_fmt_seconds(float(event.get('time_s', 0.0)))}: {event.get('reason')}")
+            self.t_last = now
+        elif kind == "start":
             self.parts_bar = self._bar(total=event.get("parts"), desc="banks", unit="bank", position=0)
         elif kind == "part_skip":
             self.write(f"{label}: kept from the interrupted run (--resume)")

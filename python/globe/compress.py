@@ -97,17 +97,20 @@ def compress(
     cfg = config or GlobeConfig()
     cfg.validate()
     budget_choice: dict[str, Any] | None = None
+    emit = progress or (lambda event: None)
     if cfg.budget is not None:
         from globe.budget import choose_by_budget
 
         # the search fits the linear model only; the refinement settings are put back on the winner
-        choice = choose_by_budget(checkpoint_path, cfg.budget, cfg.replace(refine_steps=None))
+        emit({"event": "budget_start", "budget": cfg.budget})
+        choice = choose_by_budget(checkpoint_path, cfg.budget, cfg.replace(refine_steps=None),
+                                  callback=lambda rec: emit({"event": "budget_candidate", **rec}))
         cfg = choice.config.replace(refine_steps=cfg.refine_steps)
         budget_choice = choice.to_dict()
+        emit({"event": "budget_done", "reason": choice.reason, "time_s": choice.search_time_s})
     out = Path(out_dir)
     partial = out / PARTIAL
     logger = MetricLogger(sinks)
-    emit = progress or (lambda event: None)
     ckpt = open_checkpoint(checkpoint_path)
     layers = list(ckpt.moe_layers)
     n, p, d = ckpt.num_experts, ckpt.expert_dim, ckpt.hidden_size
