@@ -287,3 +287,30 @@ def test_report_shows_the_kept_restart_only(tmp_path):
 
     xs, ys = _series(_kept_restarts(recs), "rel_error")[("gate", "global")]
     assert xs == [0, 1, 2, 3, 4] and ys[-1] == 0.2
+
+
+def test_budget_section_from_the_artifact_config(tmp_path):
+    """globe compress --budget records its search in the artifact's config; the report lists the scored
+    candidates by sampled error with the chosen one marked, and leaves out the infeasible ones."""
+    cand = [
+        {"scope": "global", "center": True, "m": 4, "r": 9, "param_fraction": 0.29, "status": "scored",
+         "rel_error": 0.25, "fit_time_s": 0.5},
+        {"scope": "layer", "center": False, "m": 2, "r": 7, "param_fraction": 0.28, "status": "scored",
+         "rel_error": 0.21, "fit_time_s": 0.7},
+        {"scope": "global", "center": False, "m": 30, "r": 0, "status": "infeasible"},
+    ]
+    choice = {"budget": 0.3, "chosen": {"scope": "layer", "center": False, "m": 2, "r": 7}, "fitter": "fit_bank",
+              "reason": "lowest sampled relative error 0.2100 among 2 scored candidates", "search_time_s": 4.2,
+              "shapes": {"sample_experts": 6, "sample_layers": 2}, "candidates": cand}
+    art = factories.random_artifact(n=6, p=10, d=12, layers=(0, 2), config={"budget_choice": choice})
+    art.save(tmp_path)
+    text = write_report(tmp_path).read_text()
+    section = text.split("## Budget search")[1].split("\n## ")[0]
+    assert "Budget 0.3 of the original gate/up parameters" in section and "6 experts of 2 layers, 4.2 s" in section
+    assert "Lowest sampled relative error 0.2100 among 2 scored candidates." in section
+    rows = [line for line in section.splitlines() if line.startswith("| **chosen**") or line.startswith("|  | glo")
+            or line.startswith("|  | lay")]
+    assert rows == ["| **chosen** | layer | no | 2 | 7 | 0.2800 | 0.2100 | 0.7 |",
+                    "|  | global | yes | 4 | 9 | 0.2900 | 0.2500 | 0.5 |"]
+    random_artifact(layers=(0, 2)).save(tmp_path / "plain")
+    assert "## Budget search" not in write_report(tmp_path / "plain").read_text()

@@ -7,9 +7,9 @@ there.
 
 Plots: relative error per layer and family, error against AM step, temperature and median support against step,
 support-size histogram, atom popularity. Tables: the summary, the patched model against the original, the last AM
-step of each bank and, for a run with the refinement through φ, what it did per bank. matplotlib is imported only
-here, with the Agg backend (no display needed), through its object-oriented API so no global pyplot state is
-touched.
+step of each bank and, for a run with the refinement through φ, what it did per bank; for a run with a budget, the
+candidates of the search. matplotlib is imported only here, with the Agg backend (no display needed), through its
+object-oriented API so no global pyplot state is touched.
 """
 
 from __future__ import annotations
@@ -365,6 +365,33 @@ def _kept_restarts(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if r.get("restart") is None or kept.get(part_of(r), r.get("restart")) == r.get("restart")]
 
 
+def _budget_section(artifact: Any) -> list[str]:
+    """Markdown lines of the budget search (``globe compress --budget``) recorded in the artifact's config."""
+    choice = ((artifact.config if artifact is not None else None) or {}).get("budget_choice")
+    if not isinstance(choice, dict) or not choice.get("candidates"):
+        return []
+    win = choice.get("chosen") or {}
+    scored = sorted((c for c in choice["candidates"] if c.get("status") == "scored"),
+                    key=lambda c: c.get("rel_error", math.inf))
+    rows = [(
+        "**chosen**" if all(c.get(k) == win.get(k) for k in ("scope", "center", "m", "r")) else "",
+        c.get("scope"), "yes" if c.get("center") else "no", c.get("m"), c.get("r"),
+        _fmt(c.get("param_fraction"), ".4f"), _fmt(c.get("rel_error"), ".4f"), _fmt(c.get("fit_time_s"), ".1f"),
+    ) for c in scored]
+    shapes = choice.get("shapes") or {}
+    return [
+        "## Budget search",
+        "",
+        f"Budget {_fmt(choice.get('budget'), 'g')} of the original gate/up parameters; short fits "
+        f"({choice.get('fitter', '?')}) on {shapes.get('sample_experts', '?')} experts of "
+        f"{shapes.get('sample_layers', '?')} layers, {_fmt(choice.get('search_time_s'), '.1f')} s. "
+        f"{str(choice.get('reason', ''))[:1].upper()}{str(choice.get('reason', ''))[1:]}.",
+        "",
+        _md_table(rows, ["", "scope", "mean", "m", "r", "parameter fraction", "sampled error", "time (s)"]),
+        "",
+    ]
+
+
 def _refinement_section(records: Sequence[dict[str, Any]]) -> list[str]:
     """Markdown lines of the refinement through φ, one row per bank from its per-bank record (none without)."""
     parts = [r for r in records if r.get("kind") == "part" and r.get("refine.method")]
@@ -555,6 +582,7 @@ def write_report(out_dir: str | Path, *, replot: bool = True) -> Path:
             "",
         ]
 
+    md += _budget_section(artifact)
     md += _refinement_section(records)
 
     md += ["## Files", ""]
