@@ -539,6 +539,7 @@ class Progress:
         self.parts_bar: Any = None
         self.am_bar: Any = None
         self.refine_bar: Any = None
+        self.search_bar: Any = None
         self.refine_stage: dict[tuple[str, str], str] = {}
         self.t_part: dict[tuple[str, str], float] = {}
         self.t_last = time.perf_counter()
@@ -569,14 +570,14 @@ class Progress:
             self.write(f"budget search: r, m, scope and mean term for {event.get('budget'):g} of the gate/up "
                        "parameters, short fits on a sample of experts")
         elif kind == "budget_candidate":
-            if self.am_bar is None:
-                self.am_bar = self._bar(total=event.get("total"), desc="budget search", unit="candidate",
-                                        position=0, leave=False)
-            self.am_bar.set_postfix_str(f"{event.get('scope')}, m={event.get('m')}, r={event.get('r')}: "
-                                        f"{event.get('rel_error', float('nan')):.4f}")
-            self.am_bar.update(1)
+            if self.search_bar is None:
+                self.search_bar = self._bar(total=event.get("total"), desc="budget search", unit="candidate",
+                                            position=0, leave=False)
+            self.search_bar.set_postfix_str(f"{event.get('scope')}, m={event.get('m')}, r={event.get('r')}: "
+                                            f"{event.get('rel_error', float('nan')):.4f}")
+            self.search_bar.update(1)
         elif kind == "budget_done":
-            self._close_am()
+            self._close_stage_bars()
             self.write(f"budget search in {_fmt_seconds(float(event.get('time_s', 0.0)))}: {event.get('reason')}")
             self.t_last = now
         elif kind == "start":
@@ -605,7 +606,7 @@ class Progress:
                     self.write(f"{label}: experts read, warm start and initial bank in {_fmt_seconds(took)} "
                                f"(rel. error {err:.4f})")
                 self.t_last = now
-                self._close_am()
+                self._close_stage_bars()
                 self.am_bar = self._bar(total=self.steps, desc=f"{label} AM", unit="step", position=1, leave=False)
                 if self.parts_bar is not None:
                     self.parts_bar.set_postfix_str(f"{label}: alternating minimisation", refresh=True)
@@ -620,7 +621,7 @@ class Progress:
         elif kind == "refine_step":
             stage = str(event.get("stage") or "refine")
             if self.refine_stage.get(part) != stage:
-                self._close_am()
+                self._close_stage_bars()
                 if part not in self.refine_stage:
                     self.write(f"{label}: {self.last_step.get(part, 0)} AM steps in {_fmt_seconds(now - self.t_last)}"
                                "; refining through phi")
@@ -639,7 +640,7 @@ class Progress:
                                              if isinstance(v, (int, float)) and math.isfinite(v)})
                 self.refine_bar.update(1)
         elif kind == "part_end":
-            self._close_am()
+            self._close_stage_bars()
             took = now - self.t_part.get(part, now)
             self.times[part] = took
             steps = self.last_step.get(part, 0)
@@ -662,15 +663,15 @@ class Progress:
         if self.parts_bar is not None:
             self.parts_bar.update(1)
 
-    def _close_am(self) -> None:
-        for name in ("am_bar", "refine_bar"):
+    def _close_stage_bars(self) -> None:
+        for name in ("am_bar", "refine_bar", "search_bar"):
             bar = getattr(self, name)
             if bar is not None:
                 bar.close()
                 setattr(self, name, None)
 
     def close(self) -> None:
-        self._close_am()
+        self._close_stage_bars()
         if self.parts_bar is not None:
             self.parts_bar.set_postfix_str("", refresh=False)
             self.parts_bar.close()
