@@ -39,8 +39,9 @@ Sections (relative Frobenius errors against the original weights, wall seconds, 
 * ``refine_val``: the refinement with the trainer's default held-out experts (val_fraction 0.1, final_steps 3)
   against none. The synthetic suites at r=47, m=12, global, the default mean, 2 weight-aware AM steps, then
   ``--refine-val-steps`` refinement steps of varpro_gn (ten times as many of varpro) within ``--refine-val-time``
-  seconds: steps run and best step of the validated stage, steps of the pass over all experts, the error over
-  all experts and the wall time. Only the public API, so the same file measures an earlier commit.
+  seconds: steps run and best step of the validated stage, its training and held-out errors at its start and last
+  step, steps of the pass over all experts, the error over all experts and the wall time. Only the public API, so
+  the same file measures an earlier commit.
 """
 
 from __future__ import annotations
@@ -224,9 +225,9 @@ def refine_val(args) -> None:
     n, T = args.refine_val_steps, args.refine_val_time
     print(f"\n### The refinement with held-out experts: global (r=47, m=12), 2 weight-aware AM steps, {n} varpro_gn "
           f"steps ({10 * n} varpro) within {T:g} s\n")
-    print("| suite | method | val_fraction | validated stage: steps run / best step | pass over all experts: steps | "
-          "error (all experts) | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    print("| suite | method | val_fraction | validated stage: steps run / best step | validated stage: training / "
+          "held-out error, start -> last step | pass over all experts: steps | error (all experts) | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     for suite in ("planted", "clustered", "lowrank_noise"):
         Wg = make_suite(suite).reshape(-1, 96, 384)
         for method in ("varpro_gn", "varpro"):
@@ -235,7 +236,10 @@ def refine_val(args) -> None:
                                      refine_steps=n if method == "varpro_gn" else 10 * n, refine_time_limit=T)
                 M = fit.metrics
                 stage = f"{M['refine.steps_run']} / {M['refine.best_step']}" if vf else "-"
-                print(f"| {suite} | {method} | {vf:g} | {stage} | {M.get('refine.final_steps_run', '-')} | "
+                recs = [h for h in fit.history if h.get("stage") == "refine"]
+                path = (f"{recs[0]['rel_error']:.4f} -> {recs[-1]['rel_error']:.4f} / {recs[0]['rel_error_val']:.4f} "
+                        f"-> {recs[-1]['rel_error_val']:.4f}" if vf else "-")
+                print(f"| {suite} | {method} | {vf:g} | {stage} | {path} | {M.get('refine.final_steps_run', '-')} | "
                       f"{rel(fit.reconstruct(), Wg):.4f} | {sec:.1f} |", flush=True)
 
 

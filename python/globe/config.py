@@ -87,20 +87,18 @@ class GlobeConfig:
     (bench/bench_trainer_options.py, section restarts).
     seed, device, dtype: reproducibility and placement of the fit.
 
-    budget: when set, a fraction in (0, 1] of the original gate/up parameters; :func:`globe.compress.compress`
-    then chooses r, m, scope and center by a short search on a sample of experts
-    (:func:`globe.budget.choose_by_budget`) and records the candidates; the r, m, scope and center given here
-    are replaced by the winner's. refine_steps: iterations of the refinement through phi after the AM
-    (:func:`globe.refine.apply_refinement`: early-stopped on the held-out experts, then continued over all
-    experts with the steps left, as a bank refined on some experts alone soon fits the others worse); None or
-    0: no refinement,
-    which phi other than "identity" does not allow (fit_bank raises ConfigError). Where all of a bank's experts
-    at once would exceed the device's memory or GLOBE_REFINE_MAX_GB (:func:`globe.am.refine_plan`), the
-    refinement works on chunks of experts (the same steps; at the global scope of Qwen3-30B-A3B, r = 384,
-    m = 1536: about 207 GiB with the experts instead of 333); fit_bank refuses, before the AM starts, only a
-    refinement that does not fit even one expert at a time. refine_method: "auto" (the
-    default: "varpro_gn" where the AM's adapters are badly conditioned, "varpro" elsewhere; see
-    :func:`globe.refine.auto_method`), "varpro" (the adapters solved exactly every step, Adam on bank and
+    budget: when set, a fraction in (0, 1] of the original gate/up parameters; :func:`globe.compress.compress` then
+    chooses r, m, scope and center by a short search on a sample of experts (:func:`globe.budget.choose_by_budget`)
+    and records the candidates; the r, m, scope and center given here are replaced by the winner's. refine_steps:
+    iterations of the refinement through phi after the AM (:func:`globe.refine.apply_refinement`: early-stopped on
+    the held-out experts, then continued over all experts with the steps left, as a bank refined on some experts
+    alone soon fits the others worse); None or 0: no refinement, which phi other than "identity" does not allow
+    (fit_bank raises ConfigError). Where all of a bank's experts at once would exceed the device's memory or
+    GLOBE_REFINE_MAX_GB (:func:`globe.am.refine_plan`), the refinement works on chunks of experts (the same steps;
+    at the global scope of Qwen3-30B-A3B, r = 384, m = 1536: about 207 GiB with the experts instead of 333);
+    fit_bank refuses, before the AM starts, only a refinement that does not fit even one expert at a time.
+    refine_method: "auto" (the default: "varpro_gn" where the AM's adapters are badly conditioned, "varpro"
+    elsewhere; see :func:`globe.refine.auto_method`), "varpro" (the adapters solved exactly every step, Adam on bank and
     codes), "varpro_gn" (the adapters solved exactly, preconditioned Gauss-Newton steps on the bank, Adam on the
     codes), "adam" (Adam on A, bank and codes jointly) or "gn" (block Gauss-Newton / Levenberg-Marquardt);
     ``python bench/bench_refine.py --compare`` compares them at equal CPU time. refine_lr: Adam's learning rate,

@@ -304,11 +304,7 @@ def _grads(W: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Te
         return objective_grads(W, A, bank, alpha, phi, mean=mean, fit_mean=fit_mean, scale=scale,
                                grad_A=grad_A, U=U)
     if mean is not None and fit_mean:
-        tot = torch.zeros(W.shape[1:], dtype=torch.float64, device=W.device)
-        for s in sl:
-            Bt = apply_phi(_mix(bank, alpha[s]), phi)
-            tot += torch.baddbmm(W[s], A[s], Bt, alpha=-1.0).sum(0, dtype=torch.float64)
-        mean = (tot / N).to(W.dtype)
+        mean = _exact_mean(W, A, bank, alpha, phi, chunk)
     gA = torch.empty_like(A) if grad_A else None
     g_bank = torch.zeros_like(bank)
     g_alpha = torch.empty_like(alpha)
@@ -730,13 +726,18 @@ def _bank_step(Z, st: _State, phi: str, lam: list[float], F_old: torch.Tensor, c
     return F_old
 
 
-def _mean_step(W, st: _State, phi: str, chunk: int | None = None) -> None:
+def _exact_mean(W: torch.Tensor, A: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor, phi: str,
+                chunk: int | None = None) -> torch.Tensor:
     """M = mean_i (W_i - A_i B~_i), the exact minimiser of F in M (summed one chunk of experts at a time)."""
     tot = torch.zeros(W.shape[1:], dtype=torch.float64, device=W.device)
     for s in _slices(W.shape[0], chunk):
-        Bt = apply_phi(_mix(st.bank, st.alpha[s]), phi)
-        tot += torch.baddbmm(W[s], st.A[s], Bt, alpha=-1.0).sum(0, dtype=torch.float64)
-    st.mean = (tot / W.shape[0]).to(W.dtype)
+        Bt = apply_phi(_mix(bank, alpha[s]), phi)
+        tot += torch.baddbmm(W[s], A[s], Bt, alpha=-1.0).sum(0, dtype=torch.float64)
+    return (tot / W.shape[0]).to(W.dtype)
+
+
+def _mean_step(W, st: _State, phi: str, chunk: int | None = None) -> None:
+    st.mean = _exact_mean(W, st.A, st.bank, st.alpha, phi, chunk)
 
 
 def _chunked_steps(step: Callable[..., torch.Tensor], Z, st: _State, chunk: int | None,
@@ -1211,7 +1212,7 @@ def apply_refinement(fit: Any, W: torch.Tensor, config: Any, *,
     # frozen; a refinement over all experts lets the bank fit them too. It continues with the steps the
     # validated stage left: that stage stops as soon as the held-out error stops falling, which on the
     # synthetic suites is at once (a bank refined on the training experts alone fits the held-out ones worse:
-    # clustered 0.21 -> 0.40 in five steps), so a short final pass threw the refinement away (clustered 0.165
+    # clustered 0.21 -> 0.36 in five varpro_gn steps), so a short final pass threw the refinement away (clustered 0.165
     # against 0.100 without held-out experts at equal steps; bench/bench_trainer_options.py, section refine_val).
     # Every expert of the artifact is fitted by the bank, so this pass stops on the error over all of them;
     # refine keeps its best state by that error, the starting one included, so it never makes the artifact worse.

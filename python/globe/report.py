@@ -379,13 +379,14 @@ def _budget_section(artifact: Any) -> list[str]:
         _fmt(c.get("param_fraction"), ".4f"), _fmt(c.get("rel_error"), ".4f"), _fmt(c.get("fit_time_s"), ".1f"),
     ) for c in scored]
     shapes = choice.get("shapes") or {}
+    reason = str(choice.get("reason", ""))
     return [
         "## Budget search",
         "",
         f"Budget {_fmt(choice.get('budget'), 'g')} of the original gate/up parameters; short fits "
         f"({choice.get('fitter', '?')}) on {shapes.get('sample_experts', '?')} experts of "
         f"{shapes.get('sample_layers', '?')} layers, {_fmt(choice.get('search_time_s'), '.1f')} s. "
-        f"{str(choice.get('reason', ''))[:1].upper()}{str(choice.get('reason', ''))[1:]}.",
+        f"{reason[:1].upper()}{reason[1:]}.",
         "",
         _md_table(rows, ["", "scope", "mean", "m", "r", "parameter fraction", "sampled error", "time (s)"]),
         "",
@@ -438,7 +439,8 @@ def write_report(out_dir: str | Path, *, replot: bool = True) -> Path:
     out = Path(out_dir)
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    records = _kept_restarts(load_records(out / "metrics.jsonl"))
+    all_records = load_records(out / "metrics.jsonl")
+    records = _kept_restarts(all_records)  # plots and tables show the fit kept of each bank
     summary = _read_json(out / "summary.json") or {}
     evaluation = _read_json(out / "eval.json")
     artifact = None
@@ -578,7 +580,7 @@ def write_report(out_dir: str | Path, *, replot: bool = True) -> Path:
         md += [
             "",
             "The factors saved are those of the kept step (the best held-out error); the other columns describe "
-            f"the last step run. Every step's full metric record is in `metrics.jsonl` ({len(records)} records).",
+            f"the last step run. Every step's full metric record is in `metrics.jsonl` ({len(all_records)} records).",
             "",
         ]
 
