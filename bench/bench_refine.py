@@ -306,7 +306,7 @@ def step_times(args) -> None:
     ``--step-shape N,p,d,m`` at that shape on random experts: joint Adam with the gradient by autograd through
     :func:`globe.refine.objective` (the refinement before the written-out gradients), joint Adam with
     :func:`globe.refine.objective_grads`, varpro's step (exact adapters, then Adam on bank and codes), and one
-    varpro_gn iteration (a Levenberg-Marquardt bank step of up to 20 CG products, a codes step, exact
+    varpro_gn iteration (a Levenberg-Marquardt bank step of up to 10 CG products by default, a codes step, exact
     adapters; see :func:`_gn_iteration_ms`). ``--device cuda`` runs it on the GPU. ``--step-chunk C`` adds the
     varpro_gn iteration in chunks of C experts, with its Gauss-Newton factors cached and recomputed."""
     torch.set_num_threads(args.threads)

@@ -17,7 +17,9 @@ experts, p=96, d=384) at one budget (default 0.25), with the parameter counts of
   error is kept: E_mobe is that error, T_mobe the time its run took to get within 1 % of it
   (error <= 1.01 E_mobe).
 * ``globe``: GloBE's configuration for the budget, chosen by :func:`globe.budget.choose_by_budget` (scope, m, r
-  and the mean term, scored by short fits on a sample of experts; ``--globe-config fixed`` takes bench_refine's
+  and the mean term, scored by short fits on a sample of experts: the AM, then ``--search-refine-steps``
+  refinement steps of ``--refine-method``, since the refinement follows, on ``--search-sample-layers`` layers,
+  all six by default, as four ranked the candidates of clustered at 0.5 differently from the full fit; ``--globe-config fixed`` takes bench_refine's
   instead: global, m = n/4, centred). The search's CPU time is printed, not added to the curve, as the baseline's
   learning-rate sweep is not added to its. Then the linear AM (:func:`globe.am.fit_bank`, weight-aware, target
   support 4, ``--am-steps`` steps, 2 by default: 13 more cost about 2 s and the refinement ends no lower, see
@@ -186,7 +188,11 @@ def globe_setting(W: torch.Tensor, budget: float, args) -> dict:
         _, m, r, _ = cell_shape(W, budget, "global")
         return {"scope": "global", "m": m, "r": r, "center": True, "search_cpu": 0.0, "reason": "fixed"}
     c0 = time.process_time()
-    choice = choose_by_budget(W, budget, GlobeConfig(weight_aware=True, target_support=K, val_fraction=0.0))
+    # the search knows the fit refines, so it scores each candidate after the AM and a short refinement
+    base = GlobeConfig(weight_aware=True, target_support=K, val_fraction=0.0, refine_method=args.refine_method,
+                       refine_steps=args.search_refine_steps or None)
+    choice = choose_by_budget(W, budget, base, search_refine_steps=args.search_refine_steps,
+                              sample_layers=args.search_sample_layers or W.shape[0])
     win = choice.winner
     print(f"  budget search ({time.process_time() - c0:.1f} s cpu): {choice.reason}", flush=True)
     return {"scope": win["scope"], "m": win["m"], "r": win["r"], "center": win["center"],
@@ -371,6 +377,11 @@ def main() -> None:
     ap.add_argument("--globe-config", choices=["budget", "fixed"], default="budget",
                     help="GloBE's scope, m, r and mean term: chosen by the budget search, or bench_refine's")
     ap.add_argument("--am-steps", type=int, default=2, help="weight-aware AM steps before the refinement")
+    ap.add_argument("--search-refine-steps", type=int, default=20,
+                    help="refinement steps of --refine-method each budget-search candidate is scored after "
+                         "(0: the AM alone)")
+    ap.add_argument("--search-sample-layers", type=int, default=None,
+                    help="layers the budget search scores its candidates on (default: all of the suite's)")
     ap.add_argument("--refine-method", choices=list(METHODS), default="auto")
     ap.add_argument("--am-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra GlobeConfig field of the linear AM (repeatable), e.g. support_search=1")

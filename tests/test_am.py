@@ -560,7 +560,7 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="phi"):
         fit_bank(torch.randn(8, 4, 6), GlobeConfig(phi="tanh"))
     with pytest.raises(ConfigError, match=r"GlobeConfig\.r"):
-        fit_bank(torch.randn(8, 4, 6), GlobeConfig(r=5))
+        fit_bank(torch.randn(8, 4, 6), GlobeConfig(r=7))  # r may exceed p = 4, not d = 6
     with pytest.raises(ConfigError, match=r"GlobeConfig\.sparsity"):
         GlobeConfig(sparsity="softmax")
     with pytest.raises(ConfigError, match="top_k"):
@@ -571,10 +571,33 @@ def test_config_errors():
     assert GlobeConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize("weight_aware", [True, False])
+def test_r_above_p_fits_a_shared_row_space_wider_than_p(weight_aware):
+    """Experts W_i = G_i R with one row space R of q > p dimensions: one atom of r = q rows holds it, so the fit
+    is exact (up to its ridges), while r = p (one shared p-dimensional row space) cannot be. The warm start pads each expert's p
+    rows with the family's directions outside them (globe.seeding.pad_outside_row_space)."""
+    g = torch.Generator().manual_seed(8)
+    N, p, d, q = 10, 6, 31, 11
+    R = torch.linalg.qr(torch.randn(d, q, generator=g, dtype=torch.float64)).Q.T
+    W = (torch.randn(N, p, q, generator=g, dtype=torch.float64) @ R).float()
+
+    def err(r):
+        fit = fit_bank(W, GlobeConfig(r=r, m=1, steps=6, weight_aware=weight_aware, val_fraction=0.0))
+        assert fit.A.shape == (N, p, r) and fit.bank.shape == (1, r, d)
+        return float((fit.reconstruct() - W).double().norm() / W.double().norm())
+
+    e_q, e_p = err(q), err(p)
+    assert e_q < 0.02  # exact up to the fit's ridges (lambda_A, lambda_B)
+    assert e_p > 0.2 and e_p > 10 * e_q
+
+
 def test_rank_presets_relative_to_min_p_d():
     assert GlobeConfig(r="p/2").resolve_r(768, 2048) == 384
     assert GlobeConfig(r="3p/4").resolve_r(768, 2048) == 576
     assert GlobeConfig(r="p/2").resolve_r(14336, 4096) == 2048  # Mixtral: p > d
+    assert GlobeConfig(r=1000).resolve_r(768, 2048) == 1000  # r > p: allowed up to d
+    with pytest.raises(ConfigError, match="exceeds d = 2048"):
+        GlobeConfig(r=2049).resolve_r(768, 2048)
     assert GlobeConfig(m="n/4").resolve_m(128) == 32
     assert GlobeConfig(m="n/8").resolve_m(4) == 1
 

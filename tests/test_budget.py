@@ -30,7 +30,7 @@ def test_max_rank_is_the_largest_within_budget(budget, scope):
             r = max_rank(budget, L, n, p, d, m, 4, scope, center)
             if r > 0:
                 assert parameter_fraction(L, n, p, d, r, m, 4, scope, center) <= budget
-            if r < min(p, d):
+            if r < d:  # r may exceed p (up to d)
                 assert parameter_fraction(L, n, p, d, r + 1, m, 4, scope, center) > budget
 
 
@@ -74,6 +74,28 @@ def test_choice_with_the_trainer_and_a_tensor(layers):
                               centers=(True,))
     assert choice.fitter == "fit_bank"
     assert choice.winner["param_fraction"] <= 0.3 and choice.config.scope == "global"
+
+
+def test_search_scores_with_the_configured_refinement(layers):
+    """With a refinement in the base config each candidate is scored after the AM and at most
+    search_refine_steps refinement steps; the refinement keeps its best state, so no candidate scores worse than
+    by the AM alone. At half the parameters the candidates include r > p (p = 12)."""
+    kw = dict(search_steps=2, scopes=("global",), centers=(False,), sample_experts=8)
+    base = GlobeConfig(target_support=2, val_fraction=0.0)
+    am_only = choose_by_budget(layers, 0.5, base, **kw)
+    refined = choose_by_budget(layers, 0.5, base.replace(refine_steps=40, refine_method="varpro_gn"),
+                               search_refine_steps=3, **kw)
+    assert am_only.refine_steps == 0 and "after the AM alone" in am_only.reason
+    assert refined.refine_steps == 3 and "after the AM and 3 refinement steps" in refined.reason
+    assert refined.to_dict()["refine_steps"] == 3
+    assert refined.config.refine_steps == 40  # the fit itself keeps the configured refinement
+    before = {(c["m"], c["r"]): c["rel_error"] for c in am_only.candidates if c["status"] == "scored"}
+    after = {(c["m"], c["r"]): c["rel_error"] for c in refined.candidates if c["status"] == "scored"}
+    assert before.keys() == after.keys() and any(r > 12 for _, r in before)
+    assert all(after[k] <= before[k] * (1 + 1e-5) for k in before)
+    assert sum(after[k] < 0.99 * before[k] for k in before) >= 2  # the refinement moved them
+    with pytest.raises(ValueError, match="search_refine_steps"):
+        choose_by_budget(layers, 0.5, base, search_refine_steps=-1)
 
 
 def test_infeasible_budget_and_time_limit(layers):

@@ -291,7 +291,7 @@ def bad_cases(ckpt, tmp, run, junk):
             ["-m/--m", "unknown preset 'n/16'"],
         ),
         "r not positive": (["compress", ckpt, "-o", out, "-r", "0"], ["-r/--r", "positive integer"]),
-        "r larger than p": (["compress", ckpt, "-o", out, "-r", "33"], ["--r: 33 is larger than p=32"]),
+        "r larger than d": (["compress", ckpt, "-o", out, "-r", "65"], ["--r: 65", "hidden size d=64"]),
         "m larger than n": (["compress", ckpt, "-o", out, "-m", "17"], ["--m: 17 atoms", "n=16"]),
         "m larger than n of a layer": (
             ["compress", ckpt, "-o", out, "-m", "9", "--scope", "layer"],

@@ -161,6 +161,21 @@ def test_patched_matches_reconstruction_fp32(arch, mode):
     assert rel_err(original, ref) > 100 * FP32_RTOL
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_patched_with_r_above_p(mode):
+    """An inner dimension r > p (allowed up to d): the patch serves it exactly like any other r."""
+    model = build_tiny_model("qwen3_moe")
+    n, p, d = expert_dims(find_experts(model)[0].module)
+    r = p + 7
+    assert r <= d
+    art = random_artifact(model, r=r, seed=11)
+    assert art.adapter("gate", find_experts(model)[0].layer).shape == (n, p, r)
+    ids = token_ids(seed=4)
+    ref = logits(reference_model("qwen3_moe", art), ids)
+    patch_model(model, art, mode=mode)
+    assert rel_err(logits(model, ids), ref) <= FP32_RTOL
+
+
 @pytest.mark.parametrize(
     "arch,phi,mode",
     [("qwen3_moe", "tanh", "bank"), ("gpt_oss", "silu", "precomposed"), ("mixtral", "silu", "bank")],
@@ -409,13 +424,15 @@ def _triton_interpreted() -> bool:
 
 
 @pytest.mark.skipif(not _triton_interpreted(), reason="needs TRITON_INTERPRET=1 set before triton is imported")
-@pytest.mark.parametrize("arch,mode", [("qwen3_moe", "bank"), ("gpt_oss", "precomposed")])
-def test_expert_forward_through_triton_interpreter(arch, mode):
-    """The patched experts module with adapter_gemm forced to the Triton kernels (interpreted on CPU)."""
+@pytest.mark.parametrize("arch,mode,r", [("qwen3_moe", "bank", 12), ("gpt_oss", "precomposed", 12),
+                                         ("qwen3_moe", "bank", 45), ("gpt_oss", "precomposed", 37)])
+def test_expert_forward_through_triton_interpreter(arch, mode, r):
+    """The patched experts module with adapter_gemm forced to the Triton kernels (interpreted on CPU); r = 45
+    and 37 exceed p = 32 (odd, so the r masks run)."""
     from globe_kernels import ops
 
     model = build_tiny_model(arch, num_layers=1)
-    art = random_artifact(model, seed=37, pad=True)
+    art = random_artifact(model, r=r, seed=37, pad=True)
     ref = reference_model(arch, art, torch.float64, num_layers=1)
     patch_model(model, art, mode=mode)
     gen = torch.Generator().manual_seed(15)

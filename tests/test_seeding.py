@@ -198,9 +198,35 @@ def test_orthonormalize_rows_rank_deficient():
     torch.testing.assert_close(inside, X, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method", sorted(SEEDERS))
+def test_r_above_p_pads_outside_each_experts_row_space(method):
+    """r > p: the first p rows are the method's own proxies (the expert's whole row space, so everything is
+    explained); the other r - p are unit-norm-scaled directions outside that row space, so each proxy has full
+    row rank r (the adapter fit stays well posed)."""
+    Z = random_experts(N=6, p=7, d=23, seed=5)
+    r = 12
+    own = seed_proxies(Z, 7, method, generator=torch.Generator().manual_seed(3))
+    res = seed_proxies(Z, r, method, generator=torch.Generator().manual_seed(3))
+    P = res.proxies.double()
+    assert P.shape == (6, r, 23) and res.metrics["padded_rows"] == r - 7
+    torch.testing.assert_close(P.flatten(1).norm(dim=1), torch.ones(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert res.explained_variance > 1 - 1e-4
+    assert explained_f64(Z, res.proxies) > 1 - 1e-4
+    # the first p rows span what the method's own p-row proxies span
+    Q = torch.linalg.qr(own.proxies.double().transpose(1, 2)).Q  # [N, d, p]
+    head = P[:, :7]
+    torch.testing.assert_close(head - head @ Q @ Q.transpose(1, 2), torch.zeros_like(head), atol=1e-4, rtol=0)
+    # the extra rows lie outside the expert's row space (float64 SVD of Z as the reference)
+    Vz = torch.linalg.svd(Z.double(), full_matrices=False).Vh  # [N, p, d]
+    tail = P[:, 7:]
+    assert float((tail @ Vz.transpose(1, 2)).abs().max()) < 1e-4 * float(tail.abs().max())
+    s = torch.linalg.svdvals(P)
+    assert float((s[:, -1] / s[:, 0]).min()) > 1e-3
+
+
 def test_errors_name_the_argument():
     Z = random_experts()
-    for bad in (0, 14, 2.0, True):
+    for bad in (0, 30, 2.0, True):  # d = 29: r may exceed p = 13, not d
         with pytest.raises(ConfigError, match=r"\br\b"):
             seed_proxies(Z, bad)
     with pytest.raises(ConfigError) as err:

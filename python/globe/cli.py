@@ -134,7 +134,8 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
         "R",
         "inner dimension of each adapter A_i (p x r) and atom B_j (r x d): a preset p/2, 3p/4 or p "
         "(fractions "
-        "of min(p, d), p being the expert width) or an integer no larger than min(p, d)",
+        "of min(p, d), p being the expert width) or an integer no larger than d (the hidden size; r > p can "
+        "pay at large budgets)",
     ),
     "m": (
         ("-m", "--m"),
@@ -437,11 +438,10 @@ def check_before_writing(config: Any) -> None:
 def check_sizes(config: Any, ckpt: Any) -> tuple[int, int, int]:
     """r, m for the checkpoint's shapes: (r, m, n in the bank's scope); UsageError if too big."""
     p, d = ckpt.expert_dim, ckpt.hidden_size
-    q = min(p, d)
     n = ckpt.num_experts * (len(ckpt.moe_layers) if config.scope == "global" else 1)
-    if isinstance(config.r, int) and config.r > q:
-        which = f"p={p}" if p <= d else f"d={d} (r may be at most min(p, d) = {q})"
-        raise UsageError(f"--r: {config.r} is larger than {which} for the experts of {ckpt.path}")
+    if isinstance(config.r, int) and config.r > d:
+        raise UsageError(f"--r: {config.r} is larger than the hidden size d={d} of the experts of {ckpt.path} "
+                         "(r may be at most d)")
     if isinstance(config.m, int) and config.m > n:
         where = "all MoE layers" if config.scope == "global" else "one layer (--scope layer)"
         raise UsageError(f"--m: {config.m} atoms is more than the n={n} experts of {where} that share the bank")

@@ -6,7 +6,11 @@ Sizes are given as presets or integers and resolved once the experts' shapes are
 * ``r`` (inner dimension of A_i B~_i): ``"p/2"``, ``"3p/4"``, ``"p"`` or an integer. The presets are fractions
   of ``q = min(p, d)``, not of p: W_i (p x d) has rank at most min(p, d), so when p > d (Mixtral: p=14336,
   d=4096) a preset relative to p would ask for a rank W cannot have. For every fine-grained MoE (p <= d) this
-  is the same as relative to p. Presets round down and are at least 1; an integer must lie in [1, min(p, d)].
+  is the same as relative to p. Presets round down and are at least 1; an integer must lie in [1, d].
+  r > p (possible where p < d) is allowed: the product A_i B~_i still has rank <= p, but B~_i's r rows give
+  each expert an r-dimensional row space to choose its p directions from, which at a large budget (about half
+  the original parameters and more) fits better than r <= p at the same count (bench/RESULTS.md). r > d would
+  add nothing: B~_i's rows then span all of R^d.
 * ``m`` (atoms in the bank): ``"n/8"``, ``"n/4"``, ``"n/2"`` or an integer, n being the number of experts in
   the bank's scope (all layers' experts for scope ``global``, one layer's for scope ``layer``). Presets round
   down and are at least 1; m may not exceed the experts the bank is fitted on.
@@ -304,14 +308,15 @@ class GlobeConfig:
     # --- resolution -------------------------------------------------------------------------------------
 
     def resolve_r(self, p: int, d: int) -> int:
-        """The inner dimension for experts of shape p x d (presets are fractions of min(p, d))."""
-        q = min(p, d)
+        """The inner dimension for experts of shape p x d (presets are fractions of min(p, d); an integer may
+        be up to d, see the module docstring)."""
         if isinstance(self.r, str):
             num, den = R_PRESETS[self.r]
-            return max(1, (q * num) // den)
-        if self.r > q:
+            return max(1, (min(p, d) * num) // den)
+        if self.r > d:
             raise ConfigError(
-                f"GlobeConfig.r: {self.r} exceeds min(p, d) = {q} for experts of shape {p} x {d}"
+                f"GlobeConfig.r: {self.r} exceeds d = {d} for experts of shape {p} x {d} (the atoms' rows would "
+                "span all of R^d)"
             )
         return int(self.r)
 

@@ -853,7 +853,7 @@ def refine(
     rescale: bool = True,
     lambda_A: float = 1e-6,
     lr: float | None = None,
-    cg_iters: int = 20,
+    cg_iters: int = 10,
     qp_iters: int = 60,
     eval_every: int | None = None,
     val_iters: int = 2,

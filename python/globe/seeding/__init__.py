@@ -11,6 +11,10 @@ Methods (one module each; the shared last step, frame alignment and energy weigh
     over base proxies, each proxy aligned to (or blended with) its centroid residual_greedy   shared atoms
     picked greedily from the experts' own top directions for the lowest residual
 
+r may exceed p (not d): every method then proposes the expert's whole row space (its p rows) and
+:func:`globe.seeding.common.pad_outside_row_space` adds r - p rows of the family's shared row basis outside
+it (metric "padded_rows").
+
 Every method is deterministic given the generator (bit-identical on CPU for equal inputs and seed); without
 one, a generator seeded 0 is used. Options are keyword arguments of each method (see its docstring); an
 unknown option, a bad r or an unknown method raises :class:`globe.errors.ConfigError`.
@@ -25,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 from globe.errors import ConfigError
-from globe.seeding.common import SeedResult
+from globe.seeding.common import SeedResult, make_generator, pad_outside_row_space
 from globe.seeding.left_gram import seed_left_gram
 from globe.seeding.residual_greedy import seed_residual_greedy
 from globe.seeding.spherical_kmeans import seed_spherical_kmeans
@@ -69,8 +73,8 @@ def seed_proxies(
     if not (Z.is_floating_point() and Z.numel() > 0):
         raise ConfigError(f"Z must be a non-empty floating-point tensor, got dtype {Z.dtype}, shape {tuple(Z.shape)}")
     N, p, d = Z.shape
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(p, d):
-        raise ConfigError(f"r must be an integer in [1, min(p, d)] = [1, {min(p, d)}] for experts {p}x{d}, got {r!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d:
+        raise ConfigError(f"r must be an integer in [1, d] = [1, {d}] for experts {p}x{d}, got {r!r}")
     fn = SEEDERS[method]
     known = _options_of(fn)
     unknown = sorted(set(options) - set(known))
@@ -85,7 +89,13 @@ def seed_proxies(
         raise ConfigError("Z holds NaN or Inf values; seeding needs finite experts")
     sync = torch.cuda.synchronize if Zf.is_cuda else (lambda: None)
     start = time.perf_counter()
-    result = fn(Zf, r, generator=generator, **options)
+    if r <= min(p, d):
+        result = fn(Zf, r, generator=generator, **options)
+    else:  # r > p: the method's proxies span each expert's row space; the rest come from the family
+        generator = make_generator(generator)
+        result = fn(Zf, p, generator=generator, **options)
+        result.proxies = pad_outside_row_space(Zf, result.proxies, r, generator=generator)
+        result.metrics["padded_rows"] = r - p
     sync()
     result.metrics["time_s"] = time.perf_counter() - start
     result.method = method

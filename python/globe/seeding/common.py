@@ -51,6 +51,7 @@ __all__ = [
     "make_generator",
     "on_cpu_if_mps",
     "orthonormalize_rows",
+    "pad_outside_row_space",
     "sample_rows",
     "shared_row_basis",
     "top_right_singular",
@@ -266,3 +267,29 @@ def finish(
     w = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)
     proxies = w.unsqueeze(-1) * Q
     return proxies.contiguous(), min(max(explained, 0.0), 1.0), captured
+
+
+def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *,
+                          generator: torch.Generator) -> torch.Tensor:
+    """Proxies of r rows from proxies [N, k, d] that already span each expert's whole row space (k = p < r).
+
+    An expert of rank p has no energy outside its p-row proxy, so the r - k extra rows (an inner dimension r > p,
+    see :mod:`globe.config`) come from the family instead: the directions of the shared top-r row basis of a
+    row sample of all experts that lie furthest outside the expert's own row space (the top right singular
+    vectors of that basis with the expert's rows projected out). Rows shared by many experts let the bank's
+    atoms start from a common extra subspace each expert's adapter can draw on. The extra rows get the weight of
+    the proxy's weakest row (they carry no energy of the expert, so no more than its least direction), and each
+    proxy is scaled back to unit Frobenius norm. Returns [N, r, d]."""
+    N, k, d = proxies.shape
+    if not k < r <= d:
+        raise ValueError(f"pad_outside_row_space: needs k < r <= d, got k={k}, r={r}, d={d}")
+    from globe.seeding.ts_pca import shared_basis  # ts_pca imports this module
+
+    V, _ = shared_basis(Z, r, generator=generator)  # [r, d]
+    Q = orthonormalize_rows(proxies)  # [N, k, d]: the expert's row space
+    C = V.unsqueeze(0) - (V @ Q.transpose(-1, -2)) @ Q  # [N, r, d]: V outside it (rank >= r - k)
+    extra, _ = top_right_singular(C, r - k)
+    w = torch.linalg.vector_norm(proxies, dim=-1).amin(dim=-1)  # [N]
+    out = torch.cat([proxies, w[:, None, None] * extra], dim=1)
+    return (out / torch.linalg.vector_norm(out, dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
+            ).contiguous()
