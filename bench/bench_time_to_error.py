@@ -2,7 +2,8 @@
 
     PYTHONPATH=python:. python bench/bench_time_to_error.py [--suites planted,clustered,lowrank_noise]
         [--budget 0.25] [--lrs 1e-3 3e-3 1e-2 3e-2 1e-1] [--sweep-time 30] [--extend 2] [--mobe-max-time 240]
-        [--globe-refine-time 240] [--json curves.json] [--baseline-json earlier.json]
+        [--globe-refine-time 240] [--json curves.json] [--baseline-json earlier.json] [--search-json earlier.json]
+        [--search-refine-steps 20] [--search-sample-layers L] [--refine-option cg_iters=20]
     PYTHONPATH=python:. python bench/bench_time_to_error.py --no-time-to-error --long-refine
 
 Part 1 (default; ``--no-time-to-error`` skips it; about 10 to 15 minutes per suite with the defaults, since
@@ -17,22 +18,22 @@ experts, p=96, d=384) at one budget (default 0.25), with the parameter counts of
   error is kept: E_mobe is that error, T_mobe the time its run took to get within 1 % of it
   (error <= 1.01 E_mobe).
 * ``globe``: GloBE's configuration for the budget, chosen by :func:`globe.budget.choose_by_budget` (scope, m, r
-  and the mean term, scored by short fits on a sample of experts: the AM, then ``--search-refine-steps``
-  refinement steps of ``--refine-method``, since the refinement follows, on ``--search-sample-layers`` layers,
-  all six by default, as four ranked the candidates of clustered at 0.5 differently from the full fit; ``--globe-config fixed`` takes bench_refine's
-  instead: global, m = n/4, centred). The search's CPU time is printed, not added to the curve, as the baseline's
-  learning-rate sweep is not added to its. Then the linear AM (:func:`globe.am.fit_bank`, weight-aware, target
-  support 4, ``--am-steps`` steps, 2 by default: 13 more cost about 2 s and the refinement ends no lower, see
-  bench_refine.py --compare) followed by :func:`globe.refine.refine` (``--refine-method``, default "auto", the
-  trainer's: "varpro_gn" where the AM's adapters are badly conditioned, else "varpro", decided per bank by
-  :func:`globe.refine.auto_method` and printed; phi = identity, the mean refitted when there is one) until it
-  stops improving by the refinement's own early stop (``--globe-patience`` records, ``--eval-every`` steps apart,
-  default 1 for the Gauss-Newton methods and 10 otherwise, each below a relative gain of
-  ``--globe-min-improvement``) or ``--globe-refine-time`` seconds. Its curve is the error against the original
-  weights (mean included: the AM records' ``rel_error_all``, the refinement records' ``rel_error``) at the moment
-  each record reaches this script, from before ``fit_bank`` is called: normalisation, warm start, initial bank,
-  AM steps, metric records and the refinement are all counted. With scope "layer" the layers are fitted one after
-  the other and the curve starts once every layer has its AM.
+  and the mean term, scored by short fits on a sample of experts: the AM, then ``--search-refine-steps`` (20)
+  refinement steps of ``--refine-method``, since the refinement follows, on ``--search-sample-layers`` layers, all
+  six by default, as four ranked the candidates of clustered at 0.5 differently from the full fit;
+  ``--globe-config fixed`` takes bench_refine's instead: global, m = n/4, centred). The search's CPU time is
+  printed, not added to the curve, as the baseline's learning-rate sweep is not added to its. Then the linear AM
+  (:func:`globe.am.fit_bank`, weight-aware, target support 4, ``--am-steps`` steps, 2 by default: 13 more cost
+  about 2 s and the refinement ends no lower, see bench_refine.py --compare) followed by
+  :func:`globe.refine.refine` (``--refine-method``, default "auto", the trainer's: "varpro_gn" where the AM's
+  adapters are badly conditioned, else "varpro", decided per bank by :func:`globe.refine.auto_method` and printed;
+  phi = identity, the mean refitted when there is one) until it stops improving by the refinement's own early stop
+  (``--globe-patience`` records, ``--eval-every`` steps apart, default 1 for the Gauss-Newton methods and 10
+  otherwise, each below a relative gain of ``--globe-min-improvement``) or ``--globe-refine-time`` seconds. Its
+  curve is the error against the original weights (mean included: the AM records' ``rel_error_all``, the
+  refinement records' ``rel_error``) at the moment each record reaches this script, from before ``fit_bank`` is
+  called: normalisation, warm start, initial bank, AM steps, metric records and the refinement are all counted.
+  With scope "layer" the layers are fitted one after the other and the curve starts once every layer has its AM.
 
 Times are CPU seconds of this process by default (``--clock cpu``; with one torch thread the same as wall time
 on an idle machine, and not inflated by other processes on a shared one); ``--clock wall`` uses wall-clock
@@ -179,11 +180,22 @@ def baseline_from_json(paths: list[str], name: str, W: torch.Tensor, budget: flo
                      "script's --json output)")
 
 
-def globe_setting(W: torch.Tensor, budget: float, args) -> dict:
+def globe_setting(W: torch.Tensor, budget: float, args, name: str) -> dict:
     """GloBE's configuration of the cell: ``--globe-config budget`` (default) takes the choice of
     :func:`globe.budget.choose_by_budget` (scope, m, r, mean term; its search time is reported, not added to the
-    curve, as the baseline's learning-rate sweep is not added to its); ``fixed`` is bench_refine's (global,
-    m = n/4, centred)."""
+    curve, as the baseline's learning-rate sweep is not added to its), or with ``--search-json`` the choice an
+    earlier ``--json`` output of this script recorded for the suite (to rerun GloBE's side with other refinement
+    options without searching again); ``fixed`` is bench_refine's (global, m = n/4, centred)."""
+    if args.search_json and args.globe_config == "budget":
+        try:
+            with open(args.search_json) as f:
+                g = json.load(f)["time_to_error"][name]["globe"]
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--search-json {args.search_json}: no GloBE choice of suite {name!r} ({e})") from None
+        if bank_mode_parameters(*W.shape, g["r"], g["m"], K, g["scope"], g["center"]) > budget * W.numel():
+            raise SystemExit(f"--search-json {args.search_json}: the choice of {name} exceeds budget {budget}")
+        print(f"  budget search: the choice of {args.search_json}: {g['reason']}", flush=True)
+        return {k: g[k] for k in ("scope", "m", "r", "center", "search_cpu", "reason")}
     if args.globe_config == "fixed":
         _, m, r, _ = cell_shape(W, budget, "global")
         return {"scope": "global", "m": m, "r": r, "center": True, "search_cpu": 0.0, "reason": "fixed"}
@@ -235,7 +247,7 @@ def globe_curve(W: torch.Tensor, budget: float, setting: dict, args) -> dict:
                      mean=fit.normalization.mean if center else None, fit_mean=center, kmax=K, steps=10**7,
                      time_limit=args.globe_refine_time / len(groups), patience=args.globe_patience,
                      min_improvement=args.globe_min_improvement, eval_every=eval_every, lr=args.adam_lr,
-                     callback=lambda rec, gi=gi: stamp("refine", gi, rec["rel_error"]))
+                     callback=lambda rec, gi=gi: stamp("refine", gi, rec["rel_error"]), **args.refine_options)
         final_resid += float((res.reconstruct() - Wg).double().pow(2).sum())
         steps_run, early = steps_run + res.steps_run, early and res.stopped_early
     final = rel(final_resid, sum(energy))
@@ -262,7 +274,7 @@ def time_to_error(args) -> dict:
         print(f"\n{name}: budget {args.budget}, baseline scope {args.scope} (load {load()})", flush=True)
         mobe = (baseline_from_json(args.baseline_json, name, W, args.budget, args.scope) if args.baseline_json
                 else mobe_curves(W, args.budget, args.scope, args))
-        globe = globe_curve(W, args.budget, globe_setting(W, args.budget, args), args)
+        globe = globe_curve(W, args.budget, globe_setting(W, args.budget, args, name), args)
         results[name] = {"mobe": mobe, "globe": globe}
 
     print(f"\n### Time to error ({clk} seconds; budget {args.budget}, baseline scope {args.scope}, 6 layers x 8 "
@@ -402,19 +414,25 @@ def main() -> None:
     ap.add_argument("--long-lrs", type=float, nargs="+", default=[1e-2], help="Adam learning rates of part 2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the curves here")
+    ap.add_argument("--search-json", metavar="PATH",
+                    help="take GloBE's configuration from this earlier --json output instead of searching again")
+    ap.add_argument("--refine-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="keyword argument of globe.refine.refine for GloBE's refinement (e.g. cg_iters=20)")
     ap.add_argument("--baseline-json", action="append", default=[], metavar="PATH",
                     help="take the MoBE curves from this earlier --json output (same budget) instead of running "
                          "the baseline; may be repeated")
     args = ap.parse_args()
     args.am_options = dict(parse_option(o) for o in args.am_option)
+    args.refine_options = dict(parse_option(o) for o in args.refine_option)
     torch.set_num_threads(args.threads)
     t_all, c_all = time.perf_counter(), time.process_time()
     print(f"## bench_time_to_error ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), {time.strftime('%Y-%m-%d %H:%M')}, load average at start {load()})")
     print(f"linear AM: fit_bank(weight_aware=True, steps={args.am_steps}, target_support={K}, patience=3"
           + "".join(f", {k}={v!r}" for k, v in args.am_options.items()) + f"); refinement {args.refine_method}, "
-          f"lr {'the method default' if args.adam_lr is None else args.adam_lr}; GloBE configuration: "
-          f"{args.globe_config}")
+          f"lr {'the method default' if args.adam_lr is None else args.adam_lr}"
+          + "".join(f", {k}={v!r}" for k, v in args.refine_options.items()) + "; GloBE configuration: "
+          f"{args.globe_config}" + (f" from {args.search_json}" if args.search_json else ""))
     out = {}
     if not args.no_time_to_error:
         out["time_to_error"] = time_to_error(args)

@@ -574,8 +574,8 @@ def test_config_errors():
 @pytest.mark.parametrize("weight_aware", [True, False])
 def test_r_above_p_fits_a_shared_row_space_wider_than_p(weight_aware):
     """Experts W_i = G_i R with one row space R of q > p dimensions: one atom of r = q rows holds it, so the fit
-    is exact (up to its ridges), while r = p (one shared p-dimensional row space) cannot be. The warm start pads each expert's p
-    rows with the family's directions outside them (globe.seeding.pad_outside_row_space)."""
+    is exact (up to its ridges), while r = p (one shared p-dimensional row space) cannot be. The warm start pads
+    each expert's p rows with the family's directions outside them (globe.seeding.pad_outside_row_space)."""
     g = torch.Generator().manual_seed(8)
     N, p, d, q = 10, 6, 31, 11
     R = torch.linalg.qr(torch.randn(d, q, generator=g, dtype=torch.float64)).Q.T
