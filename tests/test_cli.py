@@ -343,7 +343,7 @@ CASES = [
     "unknown r preset",
     "unknown m preset",
     "r not positive",
-    "r larger than p",
+    "r larger than d",
     "m larger than n",
     "m larger than n of a layer",
     "missing checkpoint",

@@ -49,6 +49,20 @@ def test_compress_each_architecture(arch, tmp_path):
     assert not (tmp_path / "out" / ".partial").exists()
 
 
+def test_compress_with_r_above_p(tmp_path):
+    """r = 24 > p = 16 (allowed up to d = 32): the artifact holds [n, p, r] adapters and [m, r, d] atoms, and
+    its reloaded error is the one the fit reported; with a refinement too."""
+    ckpt = _tiny(tmp_path)
+    cfg = GlobeConfig(scope="global", steps=3, r=24, patience=2, weight_aware=True, refine_steps=4)
+    art = compress(ckpt, tmp_path / "out", cfg)
+    back = load_artifact(tmp_path / "out")
+    assert back.config["r_resolved"] == 24
+    layer = back.layers[0]
+    assert back.adapter("gate", layer).shape[1:] == (16, 24) and back.bank("gate", layer).shape[1:] == (24, 32)
+    err = _rel_error(back, ckpt)
+    assert err == pytest.approx(art.metrics["rel_error"], rel=1e-4) and err < 0.9
+
+
 def _tiny(tmp_path):
     return build_tiny_checkpoint(
         "qwen3_moe", tmp_path / "ckpt", num_experts=8, hidden_size=32, expert_dim=16, structured=True

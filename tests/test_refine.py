@@ -151,10 +151,14 @@ def test_varpro_gn_beats_first_order_per_step_on_ill_conditioned_adapters():
     W = A @ ops.compose(bank, alpha) + 1e-6 * torch.randn(N, p, d, generator=g, dtype=torch.float64)
     bank0 = bank + 0.3 * torch.randn(m, r, d, generator=g, dtype=torch.float64)
     A0 = _adapter_solve(W, ops.compose(bank0, alpha), 1e-6)
-    gn = refine(W, bank0, alpha, A0, "identity", method="varpro_gn", steps=15, patience=100, kmax=m)
+    gn = refine(W, bank0, alpha, A0, "identity", method="varpro_gn", steps=15, patience=100, kmax=m, cg_iters=20)
     fo = refine(W, bank0, alpha, A0, "identity", method="varpro", steps=200, eval_every=20, patience=100,
                 kmax=m, lr=0.05)
     assert gn.rel_error < 0.5 * fo.rel_error < 0.5 * gn.rel_error_start
+    # the default CG of 10 products solves each step less exactly (on this tiny bank of 260 numbers), and is
+    # still ahead of 200 first-order steps
+    short = refine(W, bank0, alpha, A0, "identity", method="varpro_gn", steps=15, patience=100, kmax=m)
+    assert gn.rel_error <= short.rel_error < 0.8 * fo.rel_error
     errs = [h["rel_error"] for h in gn.history]
     assert errs[-1] < errs[0]
     exact = _adapter_solve(W, ops.compose(gn.bank, gn.alpha), 1e-6)
