@@ -224,6 +224,15 @@ def test_r_above_p_pads_outside_each_experts_row_space(method):
     assert float((s[:, -1] / s[:, 0]).min()) > 1e-3
 
 
+def test_r_above_p_with_fewer_family_directions_than_r():
+    """Two experts of rank 3 span 6 directions; r = 10 needs 7 outside each expert's own 3: the padding fills
+    the rest, and every proxy still has full row rank."""
+    Z = random_experts(N=2, p=3, d=20, seed=9)
+    P = seed_proxies(Z, 10, generator=torch.Generator().manual_seed(1)).proxies.double()
+    assert P.shape == (2, 10, 20) and bool(torch.isfinite(P).all())
+    assert int(torch.linalg.matrix_rank(P).min()) == 10
+
+
 def test_errors_name_the_argument():
     Z = random_experts()
     for bad in (0, 30, 2.0, True):  # d = 29: r may exceed p = 13, not d

@@ -30,11 +30,10 @@ sampled weights themselves (mean term included), over the layers for scope "laye
 run, :func:`globe.refine.linear_warm_start`; the choice records which). When ``base_config`` asks for a
 refinement (``refine_steps``), the fit also refines, for at most ``search_refine_steps`` of its steps (0: the
 AM alone): the refinement ranks the candidates differently from the AM. On bench/synthetic_suites.py's
-lowrank_noise at half the parameters the AM alone ranks one global atom of r = 177 first (one shared row space,
-which the refinement cannot improve: 0.1497 on the sample, and 0.153 in the end on all experts), while 6 atoms of
-r = 127 are fifth (0.1675) and after 10 refinement steps lowest (0.1458 against 0.1486). The candidate with the
-lowest sampled error wins; candidates not scored within ``time_limit`` seconds are recorded as skipped (the first
-feasible one is always scored).
+lowrank_noise at half the parameters the AM alone ranks one global atom of r = 177 first: a single shared row
+space, which the refinement cannot improve and which never gets near what 6 atoms of r = 127 reach once refined
+(bench/RESULTS.md, time to error). The candidate with the lowest sampled error wins; candidates not scored
+within ``time_limit`` seconds are recorded as skipped (the first feasible one is always scored).
 """
 
 from __future__ import annotations

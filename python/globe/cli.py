@@ -227,8 +227,9 @@ _OPTION_HELP: dict[str, tuple[tuple[str, ...], str | None, str]] = {
         ("--budget",),
         "F",
         "fraction in (0, 1] of the original gate/up parameters: choose r, m, scope and center by a short "
-        "search on a sample of experts (replaces --r, --m, --scope, --center; the candidates are recorded in "
-        "the artifact's config)",
+        "search on a sample of experts, each candidate scored after the AM and, with --refine-steps, 10 "
+        "refinement steps (replaces --r, --m, --scope, --center; r may exceed p; the candidates are recorded "
+        "in the artifact's config)",
     ),
     "refine_steps": (
         ("--refine-steps",),

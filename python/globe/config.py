@@ -93,7 +93,8 @@ class GlobeConfig:
 
     budget: when set, a fraction in (0, 1] of the original gate/up parameters; :func:`globe.compress.compress` then
     chooses r, m, scope and center by a short search on a sample of experts (:func:`globe.budget.choose_by_budget`)
-    and records the candidates; the r, m, scope and center given here are replaced by the winner's. refine_steps:
+    and records the candidates (with refine_steps set, each scored after the AM and up to 10 refinement steps); the
+    r, m, scope and center given here are replaced by the winner's. refine_steps:
     iterations of the refinement through phi after the AM (:func:`globe.refine.apply_refinement`: early-stopped on
     the held-out experts, then continued over all experts with the steps left, as a bank refined on some experts
     alone soon fits the others worse); None or 0: no refinement, which phi other than "identity" does not allow

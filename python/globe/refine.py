@@ -39,15 +39,17 @@ Methods (``method``):
   20 CPU seconds on every suite of ``python bench/bench_refine.py --compare`` (0.2-2 % below joint Adam).
 * ``"varpro_gn"``: variable projection with second-order steps on the bank. Each iteration (a) one
   Levenberg-Marquardt step on the bank, the adapters eliminated: the Gauss-Newton equations of the Kaufman
-  Jacobian, (JᵀJ + λD) δ = -g, solved by conjugate gradient preconditioned with each atom's r x r block
-  2 Σ_i α_ij² A_iᵀA_i (it undoes the spread of the adapters' singular values, which is what makes first-order
-  steps on the bank slow), the step accepted only if F decreases with the adapters re-solved, else λ grows and
-  it is retried; (b) one Adam step on the codes at ``lr / kmax`` (projected as for "adam"; the default lr of
-  this method is 0.01: the codes move slowly while the bank is re-optimised under them); (c) the mean, when
-  fitted, and the exact adapters. An iteration costs about 20 "varpro" steps and needs far fewer of them where
-  the adapters are badly conditioned: on clustered at budget 0.5 (r = 95) it is at 0.0597 after 10 CPU seconds
-  of refinement where "varpro" is at 0.0632 after 20 (``python bench/bench_refine.py --compare --compare-budget
-  0.5 --compare-no-mean``). It moves the codes slowly, so over long runs varpro can end lower.
+  Jacobian, (JᵀJ + λD) δ = -g, solved by at most ``cg_iters`` (10) products of conjugate gradient (20 cost almost
+  twice as much for about the same progress per iteration: bench/RESULTS.md, time to error) preconditioned with
+  each atom's r x r block 2 Σ_i α_ij² A_iᵀA_i (it undoes the spread of the adapters' singular values, which is
+  what makes first-order steps on the bank slow), the step accepted only if F decreases with the adapters
+  re-solved, else λ grows and it is retried; (b) one Adam step on the codes at ``lr / kmax`` (projected as for
+  "adam"; the default lr of this method is 0.01: the codes move slowly while the bank is re-optimised under them);
+  (c) the mean, when fitted, and the exact adapters. An iteration costs about 10-20 "varpro" steps and needs far
+  fewer of them where the adapters are badly conditioned: on clustered at budget 0.5 (r = 95) it is at 0.0597
+  after 10 CPU seconds of refinement where "varpro" is at 0.0632 after 20 (``python bench/bench_refine.py
+  --compare --compare-budget 0.5 --compare-no-mean``). It moves the codes slowly, so over long runs varpro can end
+  lower.
 * ``"auto"`` (the trainer's default): "varpro_gn" where the AM's adapters are badly conditioned
   (:func:`auto_method`), "varpro" elsewhere.
 

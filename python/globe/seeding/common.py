@@ -285,9 +285,15 @@ def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *,
         raise ValueError(f"pad_outside_row_space: needs k < r <= d, got k={k}, r={r}, d={d}")
     from globe.seeding.ts_pca import shared_basis  # ts_pca imports this module
 
-    V, _ = shared_basis(Z, r, generator=generator)  # [r, d]
+    V, _ = shared_basis(Z, min(r, N * Z.shape[1]), generator=generator)  # [q, d], q <= the rows there are
+    # a family of few experts may span fewer than r directions: random ones at a thousandth of the weight fill
+    # what is left without outranking any shared direction (drawn from their own generator, seeded from the
+    # caller's seed, so the caller's draws after the warm start do not depend on whether any were needed)
+    own = torch.Generator(device=generator.device).manual_seed(generator.initial_seed() + 1)
+    fill = torch.randn(r - k, d, generator=own, device=generator.device).to(V)
+    V = torch.cat([V, 1e-3 * fill / fill.norm(dim=1, keepdim=True)])
     Q = orthonormalize_rows(proxies)  # [N, k, d]: the expert's row space
-    C = V.unsqueeze(0) - (V @ Q.transpose(-1, -2)) @ Q  # [N, r, d]: V outside it (rank >= r - k)
+    C = V.unsqueeze(0) - (V @ Q.transpose(-1, -2)) @ Q  # V outside it (rank >= r - k)
     extra, _ = top_right_singular(C, r - k)
     w = torch.linalg.vector_norm(proxies, dim=-1).amin(dim=-1)  # [N]
     out = torch.cat([proxies, w[:, None, None] * extra], dim=1)
