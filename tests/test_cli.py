@@ -692,6 +692,21 @@ def test_compress_with_a_budget_end_to_end(checkpoint, tmp_path):
     assert min(c["rel_error"] for c in scored) == chosen["rel_error"]
     # what the run was asked for is kept beside the artifact
     assert json.loads((out / "compress_config.json").read_text())["budget"] == 0.5
+    assert choice["refine_steps"] == 0 and "after the AM alone" in choice["reason"]
+
+
+def test_budget_search_scores_the_refinement_the_run_asks_for(checkpoint, tmp_path):
+    """With --refine-steps the search scores each candidate after the AM and a short refinement (at most 10
+    steps), and the fit itself keeps the steps asked for."""
+    from globe.artifact import load_artifact
+
+    out = tmp_path / "budget"
+    run_cli("compress", checkpoint, "-o", out, "--budget", "0.5", "--steps", "2", "--weight-aware",
+            "--refine-steps", "12", "-q")
+    art = load_artifact(out)
+    choice = art.config["budget_choice"]
+    assert choice["refine_steps"] == 10 and "after the AM and 10 refinement steps" in choice["reason"]
+    assert art.config["refine_steps"] == 12 and art.config["r_resolved"] == choice["chosen"]["r"]
 
 
 @pytest.mark.parametrize("mode", ["proxy", "weight_aware", "weight_aware_topk", "weight_aware_cg"])

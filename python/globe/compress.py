@@ -101,11 +101,12 @@ def compress(
     if cfg.budget is not None:
         from globe.budget import choose_by_budget
 
-        # the search fits the linear model only; the refinement settings are put back on the winner
+        # with a refinement configured the search scores each candidate after a short one (through identity,
+        # at most choose_by_budget's search_refine_steps): the refinement ranks candidates unlike the AM alone
         emit({"event": "budget_start", "budget": cfg.budget})
-        choice = choose_by_budget(checkpoint_path, cfg.budget, cfg.replace(refine_steps=None),
+        choice = choose_by_budget(checkpoint_path, cfg.budget, cfg,
                                   callback=lambda rec: emit({"event": "budget_candidate", **rec}))
-        cfg = choice.config.replace(refine_steps=cfg.refine_steps)
+        cfg = choice.config
         budget_choice = choice.to_dict()
         emit({"event": "budget_done", "reason": choice.reason, "time_s": choice.search_time_s})
     out = Path(out_dir)
