@@ -233,6 +233,27 @@ def test_r_above_p_with_fewer_family_directions_than_r():
     assert int(torch.linalg.matrix_rank(P).min()) == 10
 
 
+def test_padding_by_chunks_of_experts():
+    """The padding in chunks of experts gives each expert the same proxy rows, row weights and the same
+    kind of extra rows (orthogonal to each other and to the expert's row space) as all at once. The extra rows
+    themselves are a basis of a subspace and may differ between the two by a rotation where singular values
+    tie, so they are compared by these properties."""
+    from globe.seeding.common import pad_outside_row_space
+
+    Z = random_experts(N=7, p=5, d=19, seed=12)
+    P = seed_proxies(Z, 5, generator=torch.Generator().manual_seed(2)).proxies
+    whole = pad_outside_row_space(Z, P, 11, generator=torch.Generator().manual_seed(4)).double()
+    parts = pad_outside_row_space(Z, P, 11, generator=torch.Generator().manual_seed(4), chunk_elems=300).double()
+    torch.testing.assert_close(parts[:, :5], whole[:, :5], atol=1e-6, rtol=0)
+    torch.testing.assert_close(parts.norm(dim=-1), whole.norm(dim=-1), atol=1e-6, rtol=0)
+    Vz = torch.linalg.svd(Z.double(), full_matrices=False).Vh
+    for X in (whole, parts):
+        E = X[:, 5:]
+        G = E @ E.transpose(1, 2)
+        torch.testing.assert_close(G, torch.diag_embed(G.diagonal(dim1=1, dim2=2)), atol=1e-6, rtol=0)
+        assert float((E @ Vz.transpose(1, 2)).abs().max()) < 1e-4 * float(E.abs().max())
+
+
 def test_errors_name_the_argument():
     Z = random_experts()
     for bad in (0, 30, 2.0, True):  # d = 29: r may exceed p = 13, not d

@@ -269,8 +269,8 @@ def finish(
     return proxies.contiguous(), min(max(explained, 0.0), 1.0), captured
 
 
-def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *,
-                          generator: torch.Generator) -> torch.Tensor:
+def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *, generator: torch.Generator,
+                          chunk_elems: int = 1 << 24) -> torch.Tensor:
     """Proxies of r rows from proxies [N, k, d] that already span each expert's whole row space (k = p < r).
 
     An expert of rank p has no energy outside its p-row proxy, so the r - k extra rows (an inner dimension r > p,
@@ -279,7 +279,8 @@ def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *,
     vectors of that basis with the expert's rows projected out). Rows shared by many experts let the bank's
     atoms start from a common extra subspace each expert's adapter can draw on. The extra rows get the weight of
     the proxy's weakest row (they carry no energy of the expert, so no more than its least direction), and each
-    proxy is scaled back to unit Frobenius norm. Returns [N, r, d]."""
+    proxy is scaled back to unit Frobenius norm. Works on chunks of experts (at most ``chunk_elems`` numbers of
+    candidates at a time; the result does not depend on it). Returns [N, r, d]."""
     N, k, d = proxies.shape
     if not k < r <= d:
         raise ValueError(f"pad_outside_row_space: needs k < r <= d, got k={k}, r={r}, d={d}")
@@ -292,10 +293,15 @@ def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *,
     own = torch.Generator(device=generator.device).manual_seed(generator.initial_seed() + 1)
     fill = torch.randn(r - k, d, generator=own, device=generator.device).to(V)
     V = torch.cat([V, 1e-3 * fill / fill.norm(dim=1, keepdim=True)])
-    Q = orthonormalize_rows(proxies)  # [N, k, d]: the expert's row space
-    C = V.unsqueeze(0) - (V @ Q.transpose(-1, -2)) @ Q  # V outside it (rank >= r - k)
-    extra, _ = top_right_singular(C, r - k)
-    w = torch.linalg.vector_norm(proxies, dim=-1).amin(dim=-1)  # [N]
-    out = torch.cat([proxies, w[:, None, None] * extra], dim=1)
-    return (out / torch.linalg.vector_norm(out, dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
-            ).contiguous()
+    out = torch.empty(N, r, d, dtype=proxies.dtype, device=proxies.device)
+    out[:, :k] = proxies
+    # by chunks of experts: each expert's [q + r - k, d] candidates would be N times the proxies' size at once
+    chunk = max(1, chunk_elems // (V.shape[0] * d))
+    for lo in range(0, N, chunk):
+        P = proxies[lo : lo + chunk]
+        Q = orthonormalize_rows(P)  # the expert's row space
+        C = V.unsqueeze(0) - (V @ Q.transpose(-1, -2)) @ Q  # V outside it (rank >= r - k)
+        extra, _ = top_right_singular(C, r - k)
+        w = torch.linalg.vector_norm(P, dim=-1).amin(dim=-1)
+        out[lo : lo + chunk, k:] = w[:, None, None] * extra
+    return out / torch.linalg.vector_norm(out, dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
