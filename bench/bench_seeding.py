@@ -3,11 +3,14 @@
     PYTHONPATH=python:. python bench/bench_seeding.py --threads 1   # Qwen3-30B-A3B layer (N=128, p=768, ...)
     PYTHONPATH=python:. python bench/bench_seeding.py --small       # N=32, p=192, d=512, r=96
     PYTHONPATH=python:. python bench/bench_seeding.py --device cuda --methods ts_pca,svd --repeat 3
+    PYTHONPATH=python:. python bench/bench_seeding.py --r 1024   # r > p: each proxy padded to r rows
 
 Planted data: every expert is W_i = A_i B_i + noise with B_i a random mixture of 3 of `atoms` shared r x d
 atoms (so the family has shared right structure, as the bank assumes), A_i Gaussian, noise at `--noise` of the
 signal's RMS; the family is then z-scored (one mean and scale), as the trainer does before seeding. The table
 gives the median wall time over `--repeat` runs, the explained variance, and the method's headline metric.
+``--r`` asks for another inner dimension than the shape's; above p the method proposes p rows and
+:func:`globe.seeding.common.pad_outside_row_space` adds the rest (its time is in the method's).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def main() -> None:
     ap.add_argument("--atoms", type=int, default=8, help="shared planted atoms")
     ap.add_argument("--noise", type=float, default=0.3, help="noise RMS relative to the signal RMS")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--r", type=int, default=None, help="inner dimension asked of the warm start (default: the "
+                                                          "shape's; up to d, above p the proxies are padded)")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -66,6 +71,7 @@ def main() -> None:
     name = "small" if args.small else "qwen3-30b-a3b"
     N, p, d, r = SHAPES[name]
     Z = planted_family(N, p, d, r, args.atoms, args.noise, seed=0).to(args.device)
+    r = args.r or r
     print(
         f"# {name}: N={N} p={p} d={d} r={r}, planted {args.atoms} atoms, noise {args.noise}; "
         f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "

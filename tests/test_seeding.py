@@ -233,25 +233,37 @@ def test_r_above_p_with_fewer_family_directions_than_r():
     assert int(torch.linalg.matrix_rank(P).min()) == 10
 
 
-def test_padding_by_chunks_of_experts():
-    """The padding in chunks of experts gives each expert the same proxy rows, row weights and the same
-    kind of extra rows (orthogonal to each other and to the expert's row space) as all at once. The extra rows
-    themselves are a basis of a subspace and may differ between the two by a rotation where singular values
-    tie, so they are compared by these properties."""
+@pytest.mark.parametrize("N,p,d,r", [(7, 5, 19, 11), (2, 3, 20, 10)])  # the second: fewer family directions
+def test_padding_by_chunks_of_experts(N, p, d, r):
+    """The padding in chunks of experts equals the padding all at once (the extra rows are turned to one
+    shared frame, so the basis of each expert's extra subspace is unique), and its extra rows are orthogonal to
+    each other and to the expert's row space."""
     from globe.seeding.common import pad_outside_row_space
 
-    Z = random_experts(N=7, p=5, d=19, seed=12)
-    P = seed_proxies(Z, 5, generator=torch.Generator().manual_seed(2)).proxies
-    whole = pad_outside_row_space(Z, P, 11, generator=torch.Generator().manual_seed(4)).double()
-    parts = pad_outside_row_space(Z, P, 11, generator=torch.Generator().manual_seed(4), chunk_elems=300).double()
-    torch.testing.assert_close(parts[:, :5], whole[:, :5], atol=1e-6, rtol=0)
-    torch.testing.assert_close(parts.norm(dim=-1), whole.norm(dim=-1), atol=1e-6, rtol=0)
+    Z = random_experts(N=N, p=p, d=d, seed=12)
+    P = seed_proxies(Z, p, generator=torch.Generator().manual_seed(2)).proxies
+    whole = pad_outside_row_space(Z, P, r, generator=torch.Generator().manual_seed(4))
+    parts = pad_outside_row_space(Z, P, r, generator=torch.Generator().manual_seed(4), chunk_elems=100)
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=0)
+    E = whole[:, p:].double()
+    G = E @ E.transpose(1, 2)
+    torch.testing.assert_close(G, torch.diag_embed(G.diagonal(dim1=1, dim2=2)), atol=1e-6, rtol=0)
     Vz = torch.linalg.svd(Z.double(), full_matrices=False).Vh
-    for X in (whole, parts):
-        E = X[:, 5:]
-        G = E @ E.transpose(1, 2)
-        torch.testing.assert_close(G, torch.diag_embed(G.diagonal(dim1=1, dim2=2)), atol=1e-6, rtol=0)
-        assert float((E @ Vz.transpose(1, 2)).abs().max()) < 1e-4 * float(E.abs().max())
+    assert float((E @ Vz.transpose(1, 2)).abs().max()) < 1e-4 * float(E.abs().max())
+
+
+def test_padded_rows_share_a_frame():
+    """Two experts with the same row space get the same padded rows (the frame of the shared basis), whatever
+    the frame of their own proxy rows."""
+    from globe.seeding.common import pad_outside_row_space
+
+    Z = random_experts(N=5, p=4, d=17, seed=3)
+    Z[1] = Z[0]
+    P = seed_proxies(Z, 4, generator=torch.Generator().manual_seed(1)).proxies.clone()
+    P[1] = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(6))).Q @ P[0]
+    out = pad_outside_row_space(Z, P, 9, generator=torch.Generator().manual_seed(2))
+    E = out[:, 4:] / out[:, 4:].norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(E[1], E[0], atol=1e-4, rtol=0)
 
 
 def test_errors_name_the_argument():

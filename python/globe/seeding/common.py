@@ -276,8 +276,9 @@ def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *, gen
     An expert of rank p has no energy outside its p-row proxy, so the r - k extra rows (an inner dimension r > p,
     see :mod:`globe.config`) come from the family instead: the directions of the shared top-r row basis of a
     row sample of all experts that lie furthest outside the expert's own row space (the top right singular
-    vectors of that basis with the expert's rows projected out). Rows shared by many experts let the bank's
-    atoms start from a common extra subspace each expert's adapter can draw on. The extra rows get the weight of
+    vectors of that basis with the expert's rows projected out), turned to the frame of the basis's rows k..r so
+    that experts with the same extra subspace get the same rows. Rows shared by many experts let the bank's atoms
+    start from a common extra subspace each expert's adapter can draw on. The extra rows get the weight of
     the proxy's weakest row (they carry no energy of the expert, so no more than its least direction), and each
     proxy is scaled back to unit Frobenius norm. Works on chunks of experts (at most ``chunk_elems`` numbers of
     candidates at a time; the result does not depend on it). Returns [N, r, d]."""
@@ -287,21 +288,33 @@ def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *, gen
     from globe.seeding.ts_pca import shared_basis  # ts_pca imports this module
 
     V, _ = shared_basis(Z, min(r, N * Z.shape[1]), generator=generator)  # [q, d], q <= the rows there are
-    # a family of few experts may span fewer than r directions: random ones at a thousandth of the weight fill
-    # what is left without outranking any shared direction (drawn from their own generator, seeded from the
-    # caller's seed, so the caller's draws after the warm start do not depend on whether any were needed)
-    own = torch.Generator(device=generator.device).manual_seed(generator.initial_seed() + 1)
-    fill = torch.randn(r - k, d, generator=own, device=generator.device).to(V)
-    V = torch.cat([V, 1e-3 * fill / fill.norm(dim=1, keepdim=True)])
+    q = V.shape[0]
+    if q < r:
+        # a family of few experts may span fewer than r directions: random ones at a thousandth of the weight
+        # fill what is left without outranking any shared direction (drawn from their own generator, seeded
+        # from the caller's seed, so the caller's draws after the warm start do not depend on them)
+        own = torch.Generator(device=generator.device).manual_seed(generator.initial_seed() + 1)
+        fill = torch.randn(r - q, d, generator=own, device=generator.device).to(V)
+        V = torch.cat([V, 1e-3 * fill / fill.norm(dim=1, keepdim=True)])
+    ref = V[k:r]  # the frame the extra rows are aligned to, as finish() aligns the experts' own rows
     out = torch.empty(N, r, d, dtype=proxies.dtype, device=proxies.device)
     out[:, :k] = proxies
-    # by chunks of experts: each expert's [q + r - k, d] candidates would be N times the proxies' size at once
+    # by chunks of experts, each expert's working set being a few [r, d] matrices
     chunk = max(1, chunk_elems // (V.shape[0] * d))
     for lo in range(0, N, chunk):
         P = proxies[lo : lo + chunk]
         Q = orthonormalize_rows(P)  # the expert's row space
-        C = V.unsqueeze(0) - (V @ Q.transpose(-1, -2)) @ Q  # V outside it (rank >= r - k)
-        extra, _ = top_right_singular(C, r - k)
+        M = V @ Q.transpose(-1, -2)  # [c, r, k]
+        if q == r:
+            # V's rows are orthonormal, so V outside Q_i, V - M Q_i, has singular value 1 exactly on the
+            # null space of M_iᵀ (dimension >= r - k) and below 1 elsewhere: its top r - k directions are that
+            # null space, read from a complete QR of M_i instead of an r x r eigenproblem
+            U = on_cpu_if_mps(torch.linalg.qr, M, mode="complete").Q
+            extra = U[:, :, k:r].transpose(-1, -2) @ V
+        else:
+            extra, _ = top_right_singular(V.unsqueeze(0) - M @ Q, r - k)
+        Ua, _, Vha = on_cpu_if_mps(torch.linalg.svd, ref @ extra.transpose(-1, -2))
+        extra = (Ua @ Vha) @ extra
         w = torch.linalg.vector_norm(P, dim=-1).amin(dim=-1)
         out[lo : lo + chunk, k:] = w[:, None, None] * extra
     return out / torch.linalg.vector_norm(out, dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
