@@ -13,10 +13,11 @@ random generator is seeded from (config.seed, family, scope id) alone, so a resu
 as an uninterrupted one, bit for bit on CPU. The partial folder is removed once the artifact is saved.
 
 Budget (``config.budget``): before anything is fitted, :func:`globe.budget.choose_by_budget` picks r, m, scope
-and center by short linear fits on a sample of the checkpoint's gate experts; the winner's config replaces the
-given one before the fingerprint is taken (a resumed run makes the same, deterministic choice), and the saved
-config record holds the search (``"budget_choice"``: candidates, their errors, the reason). The refinement
-settings of the given config are kept (the search itself fits the linear model only).
+and center by short fits on a sample of the checkpoint's gate experts (the AM, then with ``refine_steps`` a short
+refinement through the identity); the winner's config replaces the given one before the fingerprint is taken (a
+resumed run makes the same, deterministic choice), and the saved config record holds the search
+(``"budget_choice"``: candidates, their errors, the reason). The refinement settings of the given config are
+kept.
 
 Refinement (``config.phi`` / ``config.refine_steps``): done inside :func:`globe.am.fit_bank`; its records go to
 the sinks with ``kind="refine_step"`` and the artifact records the fitted φ, which inference applies after
