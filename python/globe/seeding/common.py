@@ -48,6 +48,7 @@ __all__ = [
     "eigh_desc",
     "energy_fraction",
     "finish",
+    "frame_turn",
     "make_generator",
     "on_cpu_if_mps",
     "orthonormalize_rows",
@@ -218,6 +219,13 @@ def shared_row_basis(S: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tenso
 # ------------------------------------------------------------------------------------------- the last step
 
 
+def frame_turn(Q: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The rotation O [..., k, k] that brings orthonormal rows Q [..., k, d] closest to the frame ref ([k, d] or
+    [..., k, d]): the polar factor of ref Qᵀ (orthogonal Procrustes)."""
+    U, _, Vh = on_cpu_if_mps(torch.linalg.svd, ref @ Q.transpose(-1, -2))
+    return U @ Vh
+
+
 def _canonical_signs(Q: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
     coords = Q if ref is None else Q @ ref.transpose(-1, -2)
     pick = coords.abs().argmax(dim=-1, keepdim=True)
@@ -245,9 +253,7 @@ def finish(
     (proxies [N, r, d], explained variance, captured energy per expert float64 [N]).
     """
     if align == "procrustes" and ref is not None:
-        M = ref @ Q.transpose(-1, -2)  # [N, r, r]
-        U, _, Vh = on_cpu_if_mps(torch.linalg.svd, M)
-        O = U @ Vh
+        O = frame_turn(Q, ref)
         Q = O @ Q
         if energies is not None:  # diag(O diag(e) O^T)
             energies = (O.square() * energies.unsqueeze(-2)).sum(-1)
@@ -296,7 +302,7 @@ def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *, gen
         own = torch.Generator(device=generator.device).manual_seed(generator.initial_seed() + 1)
         fill = torch.randn(r - q, d, generator=own, device=generator.device).to(V)
         V = torch.cat([V, 1e-3 * fill / fill.norm(dim=1, keepdim=True)])
-    ref = V[k:r]  # the frame the extra rows are aligned to, as finish() aligns the experts' own rows
+    ref = V[k:r]  # the frame the extra rows are turned to, as finish() turns the experts' own rows
     out = torch.empty(N, r, d, dtype=proxies.dtype, device=proxies.device)
     out[:, :k] = proxies
     # by chunks of experts, each expert's working set being a few [r, d] matrices
@@ -313,8 +319,7 @@ def pad_outside_row_space(Z: torch.Tensor, proxies: torch.Tensor, r: int, *, gen
             extra = U[:, :, k:r].transpose(-1, -2) @ V
         else:
             extra, _ = top_right_singular(V.unsqueeze(0) - M @ Q, r - k)
-        Ua, _, Vha = on_cpu_if_mps(torch.linalg.svd, ref @ extra.transpose(-1, -2))
-        extra = (Ua @ Vha) @ extra
+        extra = frame_turn(extra, ref) @ extra
         w = torch.linalg.vector_norm(P, dim=-1).amin(dim=-1)
         out[lo : lo + chunk, k:] = w[:, None, None] * extra
     return out / torch.linalg.vector_norm(out, dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
